@@ -1,0 +1,4 @@
+"""PVTv2 family with pluggable attention, registered in timm as ``pvtv2_b0`` ... ``pvtv2_b5``, ``pvtv2_b2_li``."""
+from .pvtv2 import VARIANTS, PVTv2, adapt_state_dict, load_checkpoint_state  # noqa: F401 (registers the models)
+
+__all__ = ["VARIANTS", "PVTv2", "adapt_state_dict", "load_checkpoint_state"]
