@@ -1,0 +1,39 @@
+"""Config -> model: the one place that maps the ``model`` and ``attn`` config groups onto ``timm.create_model``."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import timm
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+import models  # noqa: F401 (registers pvtv2_* with timm)
+from attention import get_attention_class
+
+
+def attention_args(attn_cfg: Any) -> Dict[str, Any]:
+    """``attn`` config node -> ``attn``, ``attn_kwargs``, ``attn_stages`` keyword arguments of the model."""
+    options = OmegaConf.to_container(attn_cfg, resolve=True) if isinstance(attn_cfg, DictConfig) else dict(attn_cfg)
+    name = options.pop("name")
+    stages = options.pop("stages", None)
+    get_attention_class(name).check_kwargs(options)
+    return dict(attn=name, attn_kwargs=options, attn_stages=None if stages is None else list(stages))
+
+
+def build_model(model_cfg: Any, attn_cfg: Any, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+    """Build the configured PVTv2 (``model.name``) with the configured attention.
+
+    ``model.pretrained`` / ``model.pretrained_file`` load timm's PVTv2 ImageNet weights (converted to the attention).
+    """
+    name = model_cfg["name"]
+    valid = timm.list_models("pvtv2_*")
+    if name not in valid:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(valid)}")
+    kwargs: Dict[str, Any] = dict(attention_args(attn_cfg), drop_rate=model_cfg.get("drop_rate", 0.0),
+                                  drop_path_rate=model_cfg.get("drop_path_rate", 0.0), **overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    pretrained_file = model_cfg.get("pretrained_file")
+    if pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    return timm.create_model(name, pretrained=bool(model_cfg.get("pretrained") or pretrained_file), **kwargs)
