@@ -25,6 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.pvt_v2 import checkpoint_filter_fn as timm_pvt_filter
 
 from attention import AttentionBase, create_attention, get_attention_class
+from engine.checkpoint import load as load_checkpoint
 
 MIN_INPUT_SIZE = 32
 
@@ -242,26 +243,11 @@ def load_checkpoint_state(path: Union[str, os.PathLike], use_ema: bool = False) 
     state dict (``.pth``/``.bin``/``.safetensors``, optionally under ``state_dict``/``model``). Always loaded with
     ``weights_only=True``: a pickle that would run code is refused."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as err:
-        if "zip archive" in str(err) or "central directory" in str(err) or "unexpected EOF" in str(err):
-            raise RuntimeError(f"checkpoint {path!r} is truncated or corrupt ({err}); use an earlier "
-                               "checkpoint or re-download it") from err
-        raise
-    except EOFError as err:
-        raise RuntimeError(f"checkpoint {path!r} is truncated (unexpected end of file)") from err
-    except Exception as err:  # pickle.UnpicklingError from weights_only
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise RuntimeError(f"checkpoint {path!r} holds objects other than tensors and was refused "
-                               f"(loaded with weights_only=True): {str(err).splitlines()[0]}") from err
-        raise
+    obj = load_checkpoint(path)
     if isinstance(obj, dict):
         if use_ema:
             if obj.get("model_ema") is None:
@@ -305,8 +291,12 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
         if key not in state:
             out[key] = value
             report["new"].append(key)
-        elif state[key].shape != value.shape and not key.startswith("head."):
-            mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}")
+        elif state[key].shape != value.shape:
+            if key.startswith("head."):  # a classifier for another number of classes: keep the model's own
+                out[key] = value
+                report["new"].append(key)
+            else:
+                mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}")
         else:
             out[key] = state[key]
             report["copied"].append(key)
@@ -320,11 +310,8 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
 
 
 def _pretrained_filter(state: Dict[str, torch.Tensor], model: PVTv2) -> Dict[str, torch.Tensor]:
-    state = {k: v for k, v in state.items() if not k.startswith("head.")} if model.num_classes != 1000 else state
-    adapted, _ = adapt_state_dict(state, model)
-    if model.num_classes != 1000:  # timm drops the classifier itself; keep the model's own head
-        adapted = {k: v for k, v in adapted.items() if not k.startswith("head.")}
-    return adapted
+    """timm ``pretrained_filter_fn``: original-PVT names -> timm names -> this model's attention."""
+    return adapt_state_dict(state, model)[0]
 
 
 # registry ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""Datasets, transforms, loaders and mixup for train.py / eval.py (``data`` config group).
+
+``cifar100``: the official ``cifar-100-python`` layout (torchvision download, or an offline copy whose md5 sums may
+differ from the release); ``imagenet`` / ``folder``: ImageFolder trees ``root/train/<class>/*``, ``root/val/<class>/*``
+(class index = sorted folder names, images converted to RGB); ``fake``: random images for smoke runs.
+Transforms, mixup/cutmix, label smoothing and random erasing are timm's.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.auto_augment import rand_augment_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets, transforms
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("cifar100", "imagenet", "folder", "fake")
+CIFAR_HINT = ("get it with data.download=true (needs network), or write an offline copy with "
+              "`python ../shared/data/cifar100_export.py --out DIR --layout pickle` and pass data.root=DIR")
+
+
+# datasets -------------------------------------------------------------------------------------------------------
+class CIFAR100(Dataset):
+    """CIFAR-100 from ``root/cifar-100-python/{train,test}`` (official pickle layout), fine labels.
+
+    Unlike ``torchvision.datasets.CIFAR100`` it accepts copies whose md5 sums differ from the official release
+    (re-pickled exports), with a warning.
+    """
+
+    def __init__(self, root: str, train: bool, transform: Optional[Callable] = None, download: bool = False) -> None:
+        if download:
+            datasets.CIFAR100(root, train=train, download=True)
+        folder = os.path.join(root, "cifar-100-python")
+        path = os.path.join(folder, "train" if train else "test")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CIFAR-100 not found: looked for {os.path.abspath(path)}; {CIFAR_HINT}")
+        official = dict(datasets.CIFAR100.train_list + datasets.CIFAR100.test_list)
+        with open(path, "rb") as f:
+            raw = f.read()
+        if hashlib.md5(raw).hexdigest() != official["train" if train else "test"]:
+            log.warning("%s: md5 differs from the official CIFAR-100 release (a re-pickled copy?); reading it anyway",
+                        path)
+        entry = pickle.loads(raw, encoding="latin1")
+        self.data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.targets: List[int] = list(entry["fine_labels"])
+        meta = os.path.join(folder, "meta")
+        self.classes: List[str] = (pickle.load(open(meta, "rb"), encoding="latin1")["fine_label_names"]
+                                   if os.path.isfile(meta) else [str(i) for i in range(100)])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img = Image.fromarray(self.data[index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable images raise an error naming the file, or (``skip_bad_images``) are replaced
+    by the next readable sample and counted in ``bad_images`` (shared across loader workers)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad_images: bool = False) -> None:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset folder {os.path.abspath(root)} does not exist; expected "
+                                    f"{root}/<class>/<image> (set data.root to the folder holding train/ and val/)")
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"no images found under {os.path.abspath(root)} ({err}); expected "
+                                    f"{root}/<class>/<image>.jpg|png") from None
+        self.skip_bad_images = skip_bad_images
+        self.bad_images = mp.Value("i", 0)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with open(path, "rb") as f:
+                    img = Image.open(f)
+                    img = img.convert("RGB")
+            except Exception as err:  # PIL raises many kinds for corrupt files
+                if not self.skip_bad_images:
+                    raise RuntimeError(f"cannot read image {path}: {err}; remove or replace the file, or set "
+                                       "data.skip_bad_images=true to skip and count such files") from err
+                with self.bad_images.get_lock():
+                    self.bad_images.value += 1
+                log.warning("skipping unreadable image %s (%s)", path, err)
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise RuntimeError(f"no readable image in {self.root}")
+
+
+def _first_per_class(targets: Sequence[int], per_class: int) -> List[int]:
+    seen: Dict[int, int] = {}
+    keep = []
+    for i, t in enumerate(targets):
+        if seen.get(t, 0) < per_class:
+            keep.append(i)
+            seen[t] = seen.get(t, 0) + 1
+    return keep
+
+
+def build_dataset(cfg: Any, train: bool, transform: Optional[Callable]) -> Dataset:
+    """The train or validation split of ``cfg`` (the ``data`` node), optionally cut to ``per_class`` images/class."""
+    name = cfg.name
+    if name == "cifar100":
+        ds: Dataset = CIFAR100(cfg.root, train, transform, download=bool(cfg.get("download", False)))
+        targets = ds.targets
+    elif name in ("imagenet", "folder"):
+        split = cfg.get("train_dir", "train") if train else cfg.get("val_dir", "val")
+        hint = "" if name == "folder" else " (ImageNet-1K: root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG)"
+        if cfg.root is None or not os.path.isdir(os.path.join(cfg.root, split)):
+            raise FileNotFoundError(f"{name} split not found: looked for {os.path.abspath(os.path.join(str(cfg.root), split))}"
+                                    f"; set data.root to the folder holding {split}/<class>/<image>{hint}")
+        ds = CheckedImageFolder(os.path.join(cfg.root, split), transform, bool(cfg.get("skip_bad_images", False)))
+        targets = ds.targets
+    elif name == "fake":
+        size = cfg.train_size if train else cfg.val_size
+        ds = datasets.FakeData(size, (3, cfg.img_size, cfg.img_size), cfg.num_classes, transform,
+                               random_offset=0 if train else 10 ** 6)
+        targets = None
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    if cfg.get("per_class") and targets is not None:
+        ds = Subset(ds, _first_per_class(targets, int(cfg.per_class)))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {name} ({'train' if train else 'val'}) at {cfg.get('root')} is empty")
+    return ds
+
+
+def num_classes_of(cfg: Any, train_ds: Dataset) -> int:
+    """``data.num_classes``, or the number of class folders for ``folder`` datasets with num_classes=null."""
+    if cfg.get("num_classes"):
+        return int(cfg.num_classes)
+    base = train_ds.dataset if isinstance(train_ds, Subset) else train_ds
+    return len(base.classes)
+
+
+# transforms -----------------------------------------------------------------------------------------------------
+def build_transform(cfg: Any, train: bool) -> Callable:
+    """timm transforms. ``aug.crop=rrc``: timm's RandomResizedCrop pipeline; ``pad``: CIFAR-style random crop with
+    img_size/8 padding + flip (+ RandAugment and random erasing from timm when set). Eval: resize to
+    img_size/crop_pct, centre crop."""
+    size, aug = int(cfg.img_size), cfg.aug
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if not train:
+        return create_transform(size, is_training=False, interpolation=cfg.interpolation, mean=mean, std=std,
+                                crop_pct=cfg.crop_pct)
+    if aug.crop == "rrc":
+        return create_transform(size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip,
+                                color_jitter=aug.color_jitter or 0.0, auto_augment=aug.auto_augment,
+                                interpolation=cfg.interpolation, mean=mean, std=std, re_prob=aug.reprob)
+    if aug.crop != "pad":
+        raise ValueError(f"unknown data.aug.crop {aug.crop!r}; valid: pad, rrc")
+    steps: List[Callable] = []
+    if size != 32:
+        steps.append(transforms.Resize(size, interpolation=transforms.InterpolationMode(cfg.interpolation)))
+    steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip(aug.hflip)]
+    if aug.auto_augment:
+        steps.append(rand_augment_transform(aug.auto_augment, dict(translate_const=int(size * 0.45),
+                                                                   img_mean=tuple(round(255 * m) for m in mean))))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if aug.reprob > 0:
+        steps.append(RandomErasing(aug.reprob, mode="pixel", device="cpu"))
+    return transforms.Compose(steps)
+
+
+def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
+    """timm Mixup/CutMix (with label smoothing folded into the soft targets), or None when both are off."""
+    aug = cfg.aug
+    if aug.mixup <= 0 and aug.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                 switch_prob=aug.mixup_switch_prob, label_smoothing=aug.smoothing, num_classes=num_classes)
+
+
+# loaders --------------------------------------------------------------------------------------------------------
+def build_loader(cfg: Any, dataset: Dataset, train: bool, rank: int, world_size: int, seed: int) -> DataLoader:
+    """Training: shuffled by (seed, epoch) through a DistributedSampler (also for one process, so a resumed run
+    sees the same order); call ``loader.sampler.set_epoch(e)``. Validation: every world_size-th image per rank,
+    without padding, so reduced metrics count each image exactly once."""
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        batch = int(cfg.batch_size)
+    else:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
+        sampler = None
+        batch = int(cfg.get("eval_batch_size") or 2 * cfg.batch_size)
+    workers = int(cfg.num_workers)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=bool(cfg.pin_memory) and torch.cuda.is_available(), drop_last=train,
+                      persistent_workers=False)  # workers re-seeded from the main RNG each epoch: exact resume
+
+
+def bad_image_count(dataset: Dataset) -> int:
+    """Images skipped so far (``data.skip_bad_images=true``)."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return int(base.bad_images.value) if isinstance(base, CheckedImageFolder) else 0

@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Train a PVTv2 backbone with softmax, Bitformer or EcoFormer attention.
+
+    python train.py model=pvtv2_b0 attn=ecoformer data=cifar100 data.root=DIR
+    python train.py -m attn=softmax,bitformer,ecoformer seed=0,1          # a sweep, one folder per job
+    torchrun --nproc_per_node=N train.py ...                             # DistributedDataParallel
+
+Read top to bottom: config checks, distributed set-up, data, model, optimizer/scheduler/EMA, resume, then the
+epoch loop (hash re-fit callbacks -> train_one_epoch -> evaluate -> metrics.jsonl / checkpoints).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from engine import checkpoint as ckpt_io
+from engine.build import build_model
+from engine.config import ConfigError, check_writable, validate_train_config
+from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform,
+                         num_classes_of)
+from engine.evaluate import amp_dtype, autocast, evaluate, resolve_device
+from models import adapt_state_dict, load_checkpoint_state
+
+log = logging.getLogger("train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises the process group when launched by torchrun."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_callbacks(cfg: DictConfig, model: nn.Module, train_eval_ds: Any) -> List[Any]:
+    """The hash-learning callback when the model has EcoFormer layers (DESIGN §4), on fixed training images."""
+    if not any(m.attn_name == "ecoformer" for _, m in model.attention_modules()):
+        return []
+    from hashing import HashLearningCallback
+
+    generator = torch.Generator().manual_seed(int(cfg.hash.seed))
+    count = min(int(cfg.hash.num_images), len(train_eval_ds))
+    index = torch.randperm(len(train_eval_ds), generator=generator)[:count].tolist()
+    images = torch.stack([train_eval_ds[i][0] for i in index])
+    return [HashLearningCallback(images, every_epochs=int(cfg.hash.every_epochs), max_tokens=int(cfg.hash.max_tokens),
+                                 pairs=int(cfg.hash.pairs), steps=int(cfg.hash.steps), lr=float(cfg.hash.lr),
+                                 seed=int(cfg.hash.seed))]
+
+
+def train_one_epoch(epoch: int, model: nn.Module, loader: Any, criterion: nn.Module, optimizer: Any, scheduler: Any,
+                    scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3], mixup: Any,
+                    cfg: DictConfig, device: torch.device, dtype: Optional[torch.dtype], rank: int) -> Dict[str, float]:
+    """One pass over ``loader``; optimizer step every ``grad_accum`` batches, scheduler stepped per update."""
+    model.train()
+    accum = int(cfg.grad_accum)
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), int(cfg.max_steps_per_epoch))
+    updates_per_epoch = max(1, steps // accum)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen, skipped, start = 0, 0, time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets) in enumerate(loader):
+        if step >= steps:
+            break
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        update = (step + 1) % accum == 0 or step + 1 == steps
+        sync = update or not isinstance(model, DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+            loss = criterion(model(images), targets)
+        finite = torch.isfinite(loss.detach())
+        if dist.is_initialized():  # every rank must take the same decision
+            finite = finite.float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite.bool()
+        if not finite:
+            if not cfg.skip_nonfinite:
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("skipping step %d of epoch %d: non-finite loss", step, epoch)
+            continue
+        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        if update:
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step=epoch * updates_per_epoch + (step + 1) // accum)
+            scheduler.step_update(epoch * updates_per_epoch + (step + 1) // accum)
+        loss_sum += loss.detach().double() * len(images)
+        seen += len(images)
+        if rank == 0 and (step % int(cfg.log_interval) == 0 or step + 1 == steps):
+            rate = seen * max(1, dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{rate:.0f}")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "images_per_s": totals[1].item() / seconds,
+            "seconds": seconds, "skipped_steps": skipped}
+
+
+def resolve_resume(cfg: DictConfig, run_dir: str) -> Optional[str]:
+    if cfg.resume == "auto":
+        path = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        return path if os.path.isfile(path) else None
+    return cfg.resume
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        validate_train_config(cfg)
+        check_writable(os.path.join(run_dir, "checkpoints"))
+    except ConfigError as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
+    rank, world_size, local_rank = setup_distributed()
+    device = resolve_device(cfg.device, local_rank)
+    dtype = amp_dtype(cfg.amp, device)
+    seed_everything(int(cfg.seed) + rank)
+    resume_path = resolve_resume(cfg, run_dir)
+    if rank == 0:
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+        log.info("run folder %s (%d process%s, %s, amp %s)", run_dir, world_size, "es" * (world_size > 1), device,
+                 dtype)
+
+    # data ------------------------------------------------------------------------------------------------------
+    train_ds = build_dataset(cfg.data, True, build_transform(cfg.data, train=True))
+    val_ds = build_dataset(cfg.data, False, build_transform(cfg.data, train=False))
+    if len(train_ds) // world_size < int(cfg.data.batch_size):
+        raise SystemExit(f"data.batch_size={cfg.data.batch_size} is larger than the training set per process "
+                         f"({len(train_ds) // world_size} images); lower data.batch_size")
+    num_classes = num_classes_of(cfg.data, train_ds)
+    train_loader = build_loader(cfg.data, train_ds, True, rank, world_size, int(cfg.seed))
+    val_loader = build_loader(cfg.data, val_ds, False, rank, world_size, int(cfg.seed))
+    mixup = build_mixup(cfg.data, num_classes)
+    if mixup is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif cfg.data.aug.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(float(cfg.data.aug.smoothing))
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    # model -----------------------------------------------------------------------------------------------------
+    model = build_model(cfg.model, cfg.attn, num_classes)
+    if cfg.init and not resume_path:
+        adapted, report = adapt_state_dict(load_checkpoint_state(cfg.init), model)
+        model.load_state_dict(adapted)
+        log.info("init from %s: %s", cfg.init, {k: len(v) for k, v in report.items()})
+    callbacks = build_callbacks(cfg, model, build_dataset(cfg.data, True, build_transform(cfg.data, train=False)))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        log.info("%s attn=%s: %.2f M parameters, %d classes", cfg.model.name, cfg.attn.name, params / 1e6, num_classes)
+
+    # optimizer, schedule, EMA, AMP scaler --------------------------------------------------------------------------
+    steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader),
+                                                                                    int(cfg.max_steps_per_epoch))
+    updates_per_epoch = max(1, steps_per_epoch // int(cfg.grad_accum))
+    lr = float(cfg.optim.lr)
+    if cfg.optim.lr_base_batch:
+        lr *= int(cfg.data.batch_size) * world_size * int(cfg.grad_accum) / float(cfg.optim.lr_base_batch)
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=float(cfg.optim.weight_decay),
+                                    momentum=float(cfg.optim.momentum), layer_decay=cfg.optim.layer_decay,
+                                    **({"eps": float(cfg.optim.eps), "betas": tuple(cfg.optim.betas)}
+                                       if "adam" in cfg.optim.name else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched.name, num_epochs=int(cfg.epochs),
+                                       warmup_epochs=int(cfg.sched.warmup_epochs), warmup_lr=float(cfg.sched.warmup_lr),
+                                       min_lr=float(cfg.sched.min_lr), cooldown_epochs=int(cfg.sched.cooldown_epochs),
+                                       step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    ema = (ModelEmaV3(model, decay=float(cfg.ema.decay), use_warmup=bool(cfg.ema.warmup), exclude_buffers=True)
+           if cfg.ema.enabled else None)
+
+    # resume ----------------------------------------------------------------------------------------------------
+    start_epoch, best_top1 = 0, -1.0
+    if resume_path:
+        state = ckpt_io.load(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("model_ema") is not None:
+            ema.module.load_state_dict(state["model_ema"])
+        ckpt_io.set_rng_state(state["rng"])
+        if rank != 0:  # each rank continues its own stream
+            torch.manual_seed(int(cfg.seed) + rank + 1000 * int(state["epoch"]))
+        start_epoch, best_top1 = int(state["epoch"]), float(state["best_top1"])
+        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+
+    train_model: nn.Module = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world_size > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    wandb_run = None
+    if rank == 0 and cfg.logger.name == "wandb":
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wandb_run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=run_dir,
+                               config=OmegaConf.to_container(cfg, resolve=True), tags=list(cfg.logger.tags),
+                               name=os.path.basename(run_dir), resume="allow",
+                               settings=wandb.Settings(init_timeout=30))
+
+    # epochs ----------------------------------------------------------------------------------------------------
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    for epoch in range(start_epoch, int(cfg.epochs)):
+        train_loader.sampler.set_epoch(epoch)
+        record: Dict[str, Any] = {"epoch": epoch}
+        for callback in callbacks:
+            stats = callback.on_epoch_start(model, epoch)
+            if stats:
+                record["hash_fit"] = stats
+                if ema is not None:  # the EMA model shares the freshly fitted hashes
+                    ema.module.load_state_dict(
+                        {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())},
+                        strict=False)
+        try:
+            record.update(train_one_epoch(epoch, train_model, train_loader, criterion, optimizer, scheduler, scaler,
+                                          ema, mixup, cfg, device, dtype, rank))
+        except NonFiniteLossError as err:
+            last = os.path.join(ckpt_dir, "last.ckpt")
+            log.error("%s; stopping without saving (last good checkpoint: %s). Lower optim.lr, set grad_clip, or "
+                      "set skip_nonfinite=true to skip such steps", err, last if os.path.isfile(last) else "none")
+            raise SystemExit(3) from None
+        scheduler.step(epoch + 1)
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        if bad_image_count(train_ds):
+            record["bad_images"] = bad_image_count(train_ds)
+        if (epoch + 1) % int(cfg.eval_every) == 0 or epoch + 1 == int(cfg.epochs):
+            val = evaluate(model, val_loader, device, dtype, progress=rank == 0)
+            record.update({f"val_{k}": v for k, v in val.items() if k != "images"})
+            if ema is not None:
+                record.update({f"val_ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, dtype,
+                                                                       progress=False).items() if k != "images"})
+        if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+            log.error("non-finite weights after epoch %d; stopping without saving", epoch)
+            raise SystemExit(3)
+        if rank == 0:
+            is_best = record.get("val_top1", -1.0) > best_top1
+            best_top1 = max(best_top1, record.get("val_top1", -1.0))
+            state = {"model": model.state_dict(), "model_ema": ema.module.state_dict() if ema else None,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1, "best_top1": best_top1,
+                     "rng": ckpt_io.rng_state(), "config": OmegaConf.to_container(cfg, resolve=True),
+                     "metrics": record}
+            ckpt_io.save_atomic(state, os.path.join(ckpt_dir, "last.ckpt"))
+            if is_best:
+                ckpt_io.save_atomic(state, os.path.join(ckpt_dir, "best.ckpt"))
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb_run is not None:
+                wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
+                                             for k, v in record.items() if k != "hash_fit"})
+    if wandb_run is not None:
+        wandb_run.finish()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return best_top1
+
+
+if __name__ == "__main__":
+    main()
