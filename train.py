@@ -132,7 +132,8 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Any, criterion: nn.Mod
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(model, step=epoch * updates_per_epoch + (step + 1) // accum)
-            scheduler.step_update(epoch * updates_per_epoch + (step + 1) // accum)
+            if scheduler is not None:
+                scheduler.step_update(epoch * updates_per_epoch + (step + 1) // accum)
         loss_sum += loss.detach().double() * len(images)
         seen += len(images)
         if rank == 0 and (step % int(cfg.log_interval) == 0 or step + 1 == steps):
@@ -231,7 +232,8 @@ def main(cfg: DictConfig) -> Optional[float]:
         state = ckpt_io.load(resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("model_ema") is not None:
@@ -280,7 +282,8 @@ def main(cfg: DictConfig) -> Optional[float]:
             log.error("%s; stopping without saving (last good checkpoint: %s). Lower optim.lr, set grad_clip, or "
                       "set skip_nonfinite=true to skip such steps", err, last if os.path.isfile(last) else "none")
             raise SystemExit(3) from None
-        scheduler.step(epoch + 1)
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
         record["lr"] = optimizer.param_groups[0]["lr"]
         if bad_image_count(train_ds):
             record["bad_images"] = bad_image_count(train_ds)
@@ -297,7 +300,7 @@ def main(cfg: DictConfig) -> Optional[float]:
             is_best = record.get("val_top1", -1.0) > best_top1
             best_top1 = max(best_top1, record.get("val_top1", -1.0))
             state = {"model": model.state_dict(), "model_ema": ema.module.state_dict() if ema else None,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
                      "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1, "best_top1": best_top1,
                      "rng": ckpt_io.rng_state(), "config": OmegaConf.to_container(cfg, resolve=True),
                      "metrics": record}

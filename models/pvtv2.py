@@ -138,7 +138,7 @@ class PVTv2(nn.Module):
         self.depths = tuple(depths)
 
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear in depth
         stages, self.feature_info, dim_in = [], [], embed_dims[0]
         for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
             name, kwargs = (attn, attn_kwargs) if i in attn_stages else ("softmax", {})
