@@ -150,6 +150,19 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Any, criterion: nn.Mod
             "seconds": seconds, "skipped_steps": skipped}
 
 
+def check_buffers_in_sync(model: nn.Module) -> None:
+    """Raise unless every rank holds the same buffers (EcoFormer hashes) as rank 0."""
+    device = next(model.parameters()).device
+    local = torch.cat([b.double().flatten() for b in model.buffers()] or [torch.zeros(1, device=device)])
+    reference = local.clone()
+    dist.broadcast(reference, src=0)
+    same = torch.tensor(float(torch.equal(local, reference)), device=device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    if not same.item():
+        raise RuntimeError("hash buffers differ between ranks after the hash fit")
+    log.info("hash buffers identical on %d ranks", dist.get_world_size())
+
+
 def resolve_resume(cfg: DictConfig, run_dir: str) -> Optional[str]:
     if cfg.resume == "auto":
         path = os.path.join(run_dir, "checkpoints", "last.ckpt")
@@ -270,6 +283,8 @@ def main(cfg: DictConfig) -> Optional[float]:
             stats = callback.on_epoch_start(model, epoch)
             if stats:
                 record["hash_fit"] = stats
+                if world_size > 1:
+                    check_buffers_in_sync(model)
                 if ema is not None:  # the EMA model shares the freshly fitted hashes
                     ema.module.load_state_dict(
                         {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())},

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Summarise a sweep: one markdown row per job of a Hydra multirun folder, and a PNG of the validation curves.
+
+    python train.py -m attn=softmax,bitformer,ecoformer seed=0,1
+    python scripts/summarize.py multirun/2026-11-25/12-00-00 [--png curves.png] [--no-energy]
+
+Columns: job, overrides, best top-1, final top-1, epochs, training seconds, energy per image (mJ, DESIGN §6;
+computed from the job's model config at its image size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_job(folder: str) -> Optional[Dict[str, Any]]:
+    """A job folder's metrics, overrides and config, or None when it holds no metrics.jsonl."""
+    import yaml
+
+    metrics_path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    overrides_path = os.path.join(folder, ".hydra", "overrides.yaml")
+    overrides = yaml.safe_load(open(overrides_path)) if os.path.isfile(overrides_path) else []
+    config_path = os.path.join(folder, "config.yaml")
+    config = yaml.safe_load(open(config_path)) if os.path.isfile(config_path) else None
+    return {"name": os.path.basename(folder), "records": records, "overrides": overrides, "config": config}
+
+
+def energy_mj(config: Optional[Dict[str, Any]]) -> Optional[float]:
+    """Energy per image in mJ of the job's model at its image size (None when it cannot be built)."""
+    if not config:
+        return None
+    from engine.build import build_model
+    from models.ops import count_model_ops
+
+    model = build_model(config["model"], config["attn"], num_classes=config["data"].get("num_classes") or 1000)
+    return count_model_ops(model, int(config["data"]["img_size"]))["energy_pj"] / 1e9
+
+
+def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) -> str:
+    """Markdown table of the jobs under ``sweep_dir``; writes the validation-curve PNG to ``png`` when given."""
+    if not os.path.isdir(sweep_dir):
+        raise SystemExit(f"{sweep_dir}: no such folder (pass the multirun folder of a sweep)")
+    jobs = [job for name in sorted(os.listdir(sweep_dir))
+            if os.path.isdir(os.path.join(sweep_dir, name)) and (job := read_job(os.path.join(sweep_dir, name)))]
+    if not jobs:
+        raise SystemExit(f"{sweep_dir}: no job folder with a metrics.jsonl")
+    rows: List[str] = ["| job | overrides | best top-1 | final top-1 | epochs | seconds | energy (mJ) |",
+                       "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for job in jobs:
+        top1 = [r["val_top1"] for r in job["records"] if "val_top1" in r]
+        seconds = sum(r.get("seconds", 0.0) for r in job["records"])
+        mj = energy_mj(job["config"]) if energy else None
+        best, final = (f"{max(top1):.2f}", f"{top1[-1]:.2f}") if top1 else ("-", "-")
+        rows.append(f"| {job['name']} | {' '.join(job['overrides']) or '-'} | {best} | {final} | "
+                    f"{len(job['records'])} | {seconds:.0f} | {'-' if mj is None else f'{mj:.3f}'} |")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for job in jobs:
+            points = [(r["epoch"], r["val_top1"]) for r in job["records"] if "val_top1" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=" ".join(job["overrides"]) or job["name"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", help="the multirun folder (holds one folder per job)")
+    parser.add_argument("--png", default=None, help="where to save the validation curves (default: "
+                                                   "<sweep_dir>/val_top1.png)")
+    parser.add_argument("--no-energy", action="store_true", help="skip the energy column")
+    args = parser.parse_args()
+    png = args.png or os.path.join(args.sweep_dir, "val_top1.png")
+    print(summarize(args.sweep_dir, png, energy=not args.no_energy))
+    print(f"\ncurves: {png}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
