@@ -1,12 +1,256 @@
-"""Bitformer attention: registered so that `attn=bitformer` is a known name; the implementation lands separately."""
+"""Bitformer attention (DESIGN §5): query-key scores from XOR and popcount of T-bit codes.
+
+"Bitformer: An efficient Transformer with bitwise operation-based attention for Big Data Analytics at low-cost
+low-precision devices" (2023) has no public code, only its abstract: the floating-point product QKᵀ is replaced by
+bitwise operations, O(N·M·T) for T-bit codes instead of O(N·M·d). This module is the project's reading of it,
+not the authors' implementation. The choices made here:
+
+* Per head, queries and keys are projected to T real numbers (``q``: C -> H·T on all N tokens, ``k``: C -> H·T on
+  the M spatially reduced tokens of PVTv2's SRA); values keep full width (``v``: C -> C). ``sr=False`` attends
+  over all N tokens.
+* Codes ``Q = sign(zq)``, ``K = sign(zk)`` in {-1, +1}^T with sign(0) = +1; per-token magnitudes
+  ``alpha_i = mean|zq_i|``, ``beta_j = mean|zk_j|`` (``token_scale``; otherwise alpha = beta = 1).
+* Integer scores ``s_ij = Q_i·K_j = T - 2·popcount(Q_i XOR K_j)``, logits ``gamma_h·alpha_i·beta_j·s_ij/√T``
+  with a learnable per-head temperature gamma (``temperature``, initialised to 1, so that with T = d the logits
+  approximate softmax attention's q·k/√d by alpha·Q · beta·K), softmax over keys, ``P·v``, then ``proj``.
+  Only QKᵀ is bitwise; P·v stays a float product.
+* Two score paths give bit-identical s (:func:`bit_scores`): ``"float"`` (training and default) multiplies the
+  ±1 codes as floats, exact because |s| <= T, with a straight-through estimator for sign (gradient passed where
+  |z| <= 1); ``"packed"`` (inference) packs each code into one integer word of the narrowest width that holds T
+  bits (int8/16/32/64; ceil(T/64) int64 words beyond 64 bits) and computes XOR + a SWAR popcount.
+"""
 from __future__ import annotations
 
+import math
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+
 from . import register_attention
-from .base import AttentionBase
+from .base import AttentionBase, OpCount
+
+SCORE_PATHS = ("float", "packed")
+MAX_BITS = 64
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign with sign(0) = +1; backward: clipped identity (gradient passed where |z| <= 1)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return (z >= 0).to(z.dtype) * 2 - 1
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors
+        return grad * (z.abs() <= 1).to(grad.dtype)
+
+
+def sign_ste(z: torch.Tensor) -> torch.Tensor:
+    """±1 codes of ``z`` (same shape and dtype), sign(0) = +1, straight-through (hardtanh) gradient."""
+    return _SignSTE.apply(z)
+
+
+def word_dtype(bits: int) -> torch.dtype:
+    """The narrowest signed integer dtype holding ``bits`` bits; int64 (several words) beyond 64 bits."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if bits <= dtype.itemsize * 8:
+            return dtype
+    return torch.int64
+
+
+def _signed(value: int, width: int) -> int:
+    """The ``width``-bit two's-complement reading of the unsigned ``value`` (a mask for signed tensors)."""
+    value &= (1 << width) - 1
+    return value - (1 << width) if value >> (width - 1) else value
+
+
+def pack_bits(codes: torch.Tensor) -> torch.Tensor:
+    """(..., T) reals -> (..., W) integer words holding the bits ``codes >= 0`` (sign +1; sign(0) = +1).
+
+    Words have dtype :func:`word_dtype` (T); W = 1 for T <= 64, else ceil(T/64). On little-endian machines bit t
+    of the code is bit t of its word (on others the bits are permuted alike for every code, which XOR/popcount
+    scores do not see). Padding bits are 0, so they never count in an XOR of two packed codes.
+    """
+    bits = codes.shape[-1]
+    dtype = word_dtype(bits)
+    width = dtype.itemsize * 8
+    words = -(-bits // width)
+    ones = codes >= 0
+    if words * width != bits:
+        ones = torch.cat([ones, ones.new_zeros(*ones.shape[:-1], words * width - bits)], dim=-1)
+    # 8 booleans (bytes 0/1) per int64; the multiply moves byte k's bit to bit 56 + k without carries
+    octets = ones.contiguous().view(torch.int64) * 0x0102040810204080 >> 56
+    return octets.to(torch.uint8).view(dtype)
+
+
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Set bits per element of a signed integer tensor (int8/16/32/64), same shape and dtype.
+
+    SWAR: 2-, 4- then 8-bit partial counts, then a multiply by 0x0101... gathers the byte counts in the top
+    byte. Masks make arithmetic (sign-extending) shifts safe; relies on two's-complement wrap-around of
+    integer tensors, as PyTorch's CPU and CUDA kernels do.
+    """
+    width = words.element_size() * 8
+    tmp = words >> 1
+    tmp &= _signed(0x5555555555555555, width)
+    count = words - tmp                                      # 2-bit counts
+    torch.bitwise_right_shift(count, 2, out=tmp)
+    tmp &= _signed(0x3333333333333333, width)
+    count &= _signed(0x3333333333333333, width)
+    count += tmp                                             # 4-bit counts
+    torch.bitwise_right_shift(count, 4, out=tmp)
+    count += tmp
+    count &= _signed(0x0F0F0F0F0F0F0F0F, width)              # 8-bit counts
+    if width > 8:
+        count *= _signed(0x0101010101010101, width)
+        count >>= width - 8                                  # top byte: total, < 128
+    return count
+
+
+def packed_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scores of packed codes: (..., N, W) and (..., M, W) words -> (..., N, M) integers (the words' dtype).
+
+        s_ij = T - 2·popcount(q_i XOR k_j)   (= Q_i·K_j for the ±1 codes), summed over the W words.
+    """
+    diff = popcount(q_words.unsqueeze(-2) ^ k_words.unsqueeze(-3))
+    diff = diff.squeeze(-1) if diff.shape[-1] == 1 else diff.sum(-1, dtype=diff.dtype)
+    return diff.mul_(-2).add_(bits)
+
+
+def bit_scores(zq: torch.Tensor, zk: torch.Tensor, path: str = "float") -> torch.Tensor:
+    """s_ij = sign(zq_i)·sign(zk_j): (..., N, T), (..., M, T) -> (..., N, M), integer-valued, |s| <= T.
+
+    ``"float"``: ±1 codes (:func:`sign_ste`) multiplied as floats (dtype of ``zq``), exact and differentiable.
+    ``"packed"``: :func:`pack_bits` then :func:`packed_scores`, an integer tensor without gradient. The two are
+    bit-identical.
+    """
+    if path == "float":
+        return sign_ste(zq) @ sign_ste(zk).transpose(-1, -2)
+    if path == "packed":
+        return packed_scores(pack_bits(zq), pack_bits(zk), zq.shape[-1])
+    raise ValueError(f"unknown score_path {path!r}; valid: {', '.join(SCORE_PATHS)}")
 
 
 @register_attention("bitformer")
 class BitformerAttention(AttentionBase):
+    """Multi-head attention with T-bit query/key codes and XOR/popcount scores over SRA-reduced keys/values.
+
+    Args:
+        bits: T, code length per head (1..64; T < head size is the intended use).
+        sr: apply PVTv2's spatial reduction to keys/values (True) or attend over all N tokens (False).
+        token_scale: scale scores by the per-token magnitudes alpha_i·beta_j (True) or not.
+        score_path: ``"float"`` (training, default) or ``"packed"`` (inference: XOR + popcount on integer words;
+            no gradient through the scores, so it refuses to train).
+
+    Parameters: ``q``, ``k`` (C -> H·T), ``v`` (C -> C), ``sr``/``norm`` (SRA), ``proj``, ``temperature`` (H,).
+    """
+
+    default_stages = (0, 1, 2, 3)
+
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear: bool = False, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, bits: int = 16) -> None:
-        raise NotImplementedError("attn=bitformer is not implemented yet; use attn=softmax")
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, bits: int = 16, sr: bool = True,
+                 token_scale: bool = True, score_path: str = "float") -> None:
+        super().__init__(dim, num_heads)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+        self.bits = bits
+        self.use_sr = bool(sr)
+        self.token_scale = bool(token_scale)
+        self.score_path = score_path
+        self.q = nn.Linear(dim, num_heads * bits, bias=qkv_bias)
+        self.k = nn.Linear(dim, num_heads * bits, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.temperature = nn.Parameter(torch.ones(num_heads))
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.build_reduction(sr_ratio if sr else 1, linear and sr)
+
+    @property
+    def score_path(self) -> str:
+        return self._score_path
+
+    @score_path.setter
+    def score_path(self, path: str) -> None:
+        if path not in SCORE_PATHS:
+            raise ValueError(f"unknown score_path {path!r}; valid: {', '.join(SCORE_PATHS)}")
+        self._score_path = path
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, sr={self.use_sr}, token_scale={self.token_scale}, score_path={self.score_path!r}"
+
+    def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        if self.score_path == "packed" and self.training and torch.is_grad_enabled():
+            raise RuntimeError("score_path='packed' is the inference path (no gradient through XOR/popcount): "
+                               "train with score_path='float', or call model.eval() / run under torch.no_grad()")
+        B, N, C = x.shape
+        H, T = self.num_heads, self.bits
+        kv_tokens = self.reduce(x, feat_size)
+        M = kv_tokens.shape[1]
+        zq = self.q(x).view(B, N, H, T).transpose(1, 2)                       # (B, H, N, T)
+        zk = self.k(kv_tokens).view(B, M, H, T).transpose(1, 2)               # (B, H, M, T)
+        v = self.v(kv_tokens).view(B, M, H, self.head_dim).transpose(1, 2)     # (B, H, M, d)
+
+        dtype = torch.promote_types(v.dtype, torch.float32)                    # logits in >= fp32 under AMP
+        scores = bit_scores(zq, zk, self.score_path).to(dtype)                # (B, H, N, M), exact integers
+        scale = self.temperature.view(H, 1, 1) / math.sqrt(T)
+        if self.token_scale:
+            alpha = zq.to(dtype).abs().mean(-1, keepdim=True)                 # (B, H, N, 1)
+            beta = zk.to(dtype).abs().mean(-1).unsqueeze(-2)                  # (B, H, 1, M)
+            logits = scores * (alpha * scale) * beta
+        else:
+            logits = scores * scale
+        attn = self.attn_drop(logits.softmax(dim=-1))
+        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def count_ops(self, feat_size: Sequence[int]) -> OpCount:
+        """Attention products for N queries x M keys, H heads, T bits, W = ceil(T/64) 64-bit words.
+
+        * ``bitops``: per score and word one XOR, one popcount and one integer add (accumulating the words,
+          or forming T - 2·popcount): 3·W·H·N·M.
+        * ``mul``: P·v (N·M·C); the logit scaling s_ij·(gamma/√T·alpha_i)·beta_j, 2 per score, plus per
+          token the 1/T of the means and per query the product with gamma/√T (a constant per head):
+          2·H·N·M + H·(2N + M). Without ``token_scale``: s_ij·gamma/√T, H·N·M.
+        * ``add``: P·v (N·M·C) plus the (T - 1) additions of each mean|z|: H·(N + M)·(T - 1).
+        """
+        N = feat_size[0] * feat_size[1]
+        M = self.reduced_tokens(feat_size)
+        H, T = self.num_heads, self.bits
+        pv = N * M * self.dim
+        bitops = 3 * math.ceil(T / 64) * H * N * M
+        if self.token_scale:
+            return OpCount(mul=pv + 2 * H * N * M + H * (2 * N + M), add=pv + H * (N + M) * (T - 1), bitops=bitops)
+        return OpCount(mul=pv + H * N * M, add=pv, bitops=bitops)
+
+    def adapt_softmax_state(self, state: Dict[str, torch.Tensor], report: Dict[str, List[str]],
+                            prefix: str) -> Dict[str, torch.Tensor]:
+        """Initialise from a softmax (SRA/MSA) block: ``v`` <- value half of ``kv`` (converted); ``sr``, ``norm``,
+        ``proj`` copied where the shapes match; ``q`` <- ``q`` and ``k`` <- key half of ``kv`` (converted) only
+        when T equals the head size, else new, like ``temperature``. 'dropped': checkpoint keys not used at all.
+        """
+        C = self.dim
+        sources = {"v.weight": ("kv.weight", slice(C, 2 * C)), "v.bias": ("kv.bias", slice(C, 2 * C))}
+        if self.bits == self.head_dim:
+            sources.update({"q.weight": ("q.weight", slice(None)), "q.bias": ("q.bias", slice(None)),
+                             "k.weight": ("kv.weight", slice(0, C)), "k.bias": ("kv.bias", slice(0, C))})
+        out: Dict[str, torch.Tensor] = {}
+        used = set()
+        for key, own in self.state_dict().items():
+            source, rows = sources.get(key, (key, None))
+            value = state.get(source)
+            if value is not None and rows is not None:
+                value = value[rows]
+            if value is None or value.shape != own.shape:
+                out[key] = own
+                report["new"].append(prefix + key)
+                continue
+            out[key] = value
+            used.add(source)
+            report["copied" if rows is None else "converted"].append(prefix + key)
+        report["dropped"].extend(prefix + key for key in state if key not in used)
+        return out
