@@ -16,9 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import rand_augment_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
@@ -28,6 +29,20 @@ log = logging.getLogger(__name__)
 DATASETS = ("cifar100", "imagenet", "folder", "fake")
 CIFAR_HINT = ("get it with data.download=true (needs network), or write an offline copy with "
               "`python ../shared/data/cifar100_export.py --out DIR --layout pickle` and pass data.root=DIR")
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's RandAugment posterize, keeping the result of Pillow < 13 for 0 bits (a black image): RandAugment
+    with increasing magnitude (``inc1``) asks for 0 bits, which Pillow 13 refuses with a ValueError."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    timm_auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 # datasets -------------------------------------------------------------------------------------------------------

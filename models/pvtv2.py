@@ -275,6 +275,7 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
     own = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     attn_prefixes = [name + "." for name, _ in model.attention_modules()]
+    mismatched = []
     for name, module in model.attention_modules():
         prefix = name + "."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -282,9 +283,11 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
         if sub.keys() == target.keys() and all(sub[k].shape == target[k].shape for k in sub):
             out.update({prefix + k: v for k, v in sub.items()})
             report["copied"].extend(prefix + k for k in sub)
-        else:
+        elif "q.weight" in sub and "kv.weight" in sub:  # a softmax (SRA or MSA) block: convert
             out.update({prefix + k: v for k, v in module.adapt_softmax_state(sub, report, prefix).items()})
-    mismatched = []
+        else:
+            mismatched.append(f"{prefix[:-1]}: checkpoint keys {sorted(sub)[:6]} fit neither this model's "
+                              f"{module.attn_name} attention ({sorted(target)[:6]}) nor softmax attention")
     for key, value in own.items():
         if any(key.startswith(p) for p in attn_prefixes):
             continue

@@ -13,36 +13,19 @@ from hydra import compose, initialize_config_dir
 
 from engine.build import build_model
 from engine.config import validate_train_config
+from helpers import ROOT, SHARED_DATA, export_cifar, metrics, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.environ.get("ECOPVT_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 MODELS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "model")))
 ATTNS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "attn")))
 DATA = ["cifar100", "imagenet", "folder", "fake"]
 
 
-def run(script, *overrides, timeout=600, cmd=None):
-    """Run a project script from the repository root; return (returncode, stdout, stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", WANDB_MODE="offline")
-    proc = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="session")
 def cifar_subset(tmp_path_factory):
     """The real CIFAR-100, first 10 images per class of each split, in the official pickle layout."""
-    exporter = os.path.join(SHARED_DATA, "cifar100_export.py")
-    if not os.path.isfile(exporter):
-        pytest.skip(f"real CIFAR-100 not found at {SHARED_DATA} (set ECOPVT_SHARED_DATA)")
     out = tmp_path_factory.mktemp("cifar")
-    subprocess.run([sys.executable, exporter, "--out", str(out), "--layout", "pickle", "--per-class", "10"],
-                   check=True, capture_output=True)
+    if not export_cifar(out, "pickle", 10):
+        pytest.skip(f"real CIFAR-100 not found at {SHARED_DATA} (set ECOPVT_SHARED_DATA)")
     return str(out)
 
 

@@ -1,0 +1,32 @@
+"""Shared by the end-to-end tests: run the project's scripts as a user would, find the real data."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("ECOPVT_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+def run(script, *overrides, timeout=600, cmd=None):
+    """Run a project script from the repository root; return (returncode, stdout, stderr)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", WANDB_MODE="offline")
+    proc = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def metrics(run_dir):
+    """The records of a run folder's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def export_cifar(out, layout, per_class):
+    """Export the real CIFAR-100 of ../shared/data to ``out``; False when it is not there."""
+    exporter = os.path.join(SHARED_DATA, "cifar100_export.py")
+    if not os.path.isfile(exporter):
+        return False
+    subprocess.run([sys.executable, exporter, "--out", str(out), "--layout", layout, "--per-class", str(per_class)],
+                   check=True, capture_output=True)
+    return True

@@ -1,0 +1,223 @@
+"""Crashes and bad input: atomic checkpoints, non-finite losses, safe loading, and start-up errors that name the fix."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+import train
+from engine import checkpoint as ckpt_io
+from engine.data import build_dataset
+from helpers import ROOT, SHARED_DATA, export_cifar, run
+
+FAST = ["experiment=smoke", "epochs=1"]
+
+
+# crashes ---------------------------------------------------------------------------------------------------------
+WRITER = """
+import sys, torch
+from engine.checkpoint import save_atomic
+path, i = sys.argv[1], 0
+while True:
+    i += 1
+    save_atomic({"step": i, "weights": torch.full((4_000_000,), float(i))}, path)
+    print(i, flush=True)
+"""
+
+
+def test_killing_a_checkpoint_writer_leaves_a_loadable_checkpoint(tmp_path):
+    path = str(tmp_path / "last.ckpt")
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, path], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete save
+        time.sleep(0.05 * attempt + 0.01)  # then kill it at some point of a later save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = ckpt_io.load(path)
+        assert torch.equal(state["weights"], torch.full((4_000_000,), float(state["step"])))
+    assert not [f for f in os.listdir(tmp_path) if f != "last.ckpt" and not f.startswith(".tmp-")] 
+
+
+class _Batches:
+    """Four batches of a linearly separable problem."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.items = [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(4)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class _NanOnSecondCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if self.calls == 2 else loss
+
+
+def _one_epoch(skip):
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = OmegaConf.create({"grad_accum": 1, "max_steps_per_epoch": None, "channels_last": False, "grad_clip": None,
+                            "skip_nonfinite": skip, "log_interval": 1})
+    stats = train.train_one_epoch(0, model, _Batches(), _NanOnSecondCall(), optimizer, None, None, None, None, cfg,
+                                  torch.device("cpu"), None, rank=1)
+    return model, stats
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped():
+    with pytest.raises(train.NonFiniteLossError, match="epoch 0 step 1"):
+        _one_epoch(skip=False)
+    model, stats = _one_epoch(skip=True)
+    assert stats["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_weights_stop_the_run_without_writing_a_checkpoint(tmp_path):
+    from models import load_checkpoint_state  # noqa: F401  (init path uses it)
+    import timm
+
+    model = timm.create_model("pvtv2_b0", num_classes=10)
+    state = model.state_dict()
+    state["head.weight"][0, 0] = float("nan")
+    init = str(tmp_path / "nan.pth")
+    torch.save(state, init)
+    code, out, err = run("train.py", *FAST, f"init={init}", f"hydra.run.dir={tmp_path}/run")
+    assert code == 3
+    assert "non-finite loss" in out and "epoch 0 step 0" in out and "skip_nonfinite=true" in out
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+
+# unsafe / broken checkpoints ---------------------------------------------------------------------------------------
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = str(tmp_path / "evil.ckpt")
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Evil(str(marker))}, evil)
+    with pytest.raises(RuntimeError, match="weights_only"):
+        ckpt_io.load(evil)
+    code, out, err = run("eval.py", f"ckpt={evil}", f"hydra.run.dir={tmp_path}/eval")
+    assert code != 0 and "refused" in err + out
+    code, out, err = run("train.py", *FAST, f"init={evil}", f"hydra.run.dir={tmp_path}/run")
+    assert code != 0 and "refused" in err + out
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_says_so(tmp_path):
+    path = str(tmp_path / "last.ckpt")
+    ckpt_io.save_atomic({"model": {"w": torch.randn(1000, 100)}}, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match="truncated"):
+        ckpt_io.load(path)
+
+
+def test_a_checkpoint_of_another_architecture_names_the_mismatching_keys(tmp_path):
+    import timm
+
+    b1 = str(tmp_path / "b1.pth")
+    torch.save(timm.create_model("pvtv2_b1", num_classes=10).state_dict(), b1)
+    code, out, err = run("eval.py", f"ckpt={b1}", "model=pvtv2_b0", "data=fake", f"hydra.run.dir={tmp_path}/e")
+    assert code != 0
+    assert "patch_embed.proj.weight" in err + out and "another architecture" in err + out
+
+
+# start-up errors -------------------------------------------------------------------------------------------------
+def test_invalid_values_fail_at_start_up_naming_each_key(tmp_path):
+    code, out, err = run("train.py", *FAST, "data.batch_size=0", "data.img_size=16", "optim.lr=-0.1",
+                         "hash.every_epochs=0", "attn.stages=[7]", f"hydra.run.dir={tmp_path}/run")
+    text = out + err
+    assert code == 2
+    for message in ("data.batch_size=0: must be >= 1", "data.img_size=16: PVTv2 needs at least 32 px",
+                    "optim.lr=-0.1: the learning rate must be > 0", "hash.every_epochs=0: tau must be >= 1"):
+        assert message in text
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    code, out, err = run("train.py", *FAST, "attn.stages=[7]", f"hydra.run.dir={tmp_path}/run")
+    assert code == 2 and "valid stages: 0..3" in out + err
+
+
+@pytest.mark.parametrize("group, bad, valid", [("model", "pvtv2_b9", "pvtv2_b2_li"), ("attn", "linformer", "ecoformer"),
+                                               ("data", "mnist", "cifar100"), ("optim", "adamw2", "sgd")])
+def test_unknown_names_list_the_valid_ones(group, bad, valid):
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        with pytest.raises(MissingConfigException) as info:
+            compose("train", [f"{group}={bad}"])
+    assert bad in str(info.value) and valid in str(info.value)
+
+
+def test_unknown_names_in_python_list_the_valid_ones():
+    import timm
+
+    with pytest.raises(ValueError, match="valid names: bitformer, ecoformer, softmax"):
+        timm.create_model("pvtv2_b0", attn="linformer")
+    with pytest.raises(ValueError, match="valid datasets: cifar100, imagenet, folder, fake"):
+        build_dataset(OmegaConf.create({"name": "mnist"}), True, None)
+
+
+def test_missing_cifar_says_where_it_looked_and_how_to_get_it(tmp_path):
+    code, out, err = run("train.py", "data=cifar100", f"data.root={tmp_path}/nowhere", "device=cpu",
+                         f"hydra.run.dir={tmp_path}/run")
+    text = out + err
+    assert code != 0 and f"{tmp_path}/nowhere/cifar-100-python/train" in text
+    assert "data.download=true" in text and "cifar100_export.py" in text
+
+
+def test_empty_image_folder_says_where_it_looked(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    code, out, err = run("train.py", "data=folder", f"data.root={tmp_path}/empty", "device=cpu",
+                         f"hydra.run.dir={tmp_path}/run")
+    assert code != 0 and f"{tmp_path}/empty/train" in out + err and "<class>" in out + err
+
+
+def test_unwritable_run_folder_fails_at_start_up(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the checkpoint folder should be")
+    code, out, err = run("train.py", *FAST, f"hydra.run.dir={run_dir}")
+    assert code == 2 and "not writable" in out + err and "hydra.run.dir" in out + err
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("folder")
+    if not export_cifar(out, "folder", 1):
+        pytest.skip(f"real CIFAR-100 not found at {SHARED_DATA}")
+    os.rename(out / "test", out / "val")
+    bad = sorted((out / "train" / "apple").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
+    return out, bad
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, tmp_path):
+    root, bad = image_folder
+    common = ["data=folder", f"data.root={root}", "data.img_size=32", "data.batch_size=20", "data.num_workers=0",
+              "epochs=1", "device=cpu", "model=pvtv2_b0"]
+    code, out, err = run("train.py", *common, f"hydra.run.dir={tmp_path}/a")
+    assert code != 0 and str(bad) in out + err and "data.skip_bad_images=true" in out + err
+    code, out, err = run("train.py", *common, "data.skip_bad_images=true", f"hydra.run.dir={tmp_path}/b")
+    assert code == 0, err[-2000:]
+    assert '"bad_images": 1' in open(tmp_path / "b" / "metrics.jsonl").read()
