@@ -133,3 +133,11 @@ def test_two_process_gloo_training_keeps_hashes_identical(tmp_path):
     assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["images"] == 32 and result["top1"] == records[0]["val_top1"]
+
+
+def test_wandb_logger_runs_offline_without_network(tmp_path):
+    run_dir = tmp_path / "w"
+    code, _, err = run("train.py", "experiment=smoke", "epochs=1", "logger=wandb", f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
