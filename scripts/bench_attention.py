@@ -15,7 +15,67 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def bench_ecoformer(args: argparse.Namespace) -> None:
-    raise NotImplementedError  # filled in by the EcoFormer work
+    """Inference images/s of pvtv2_b0 with EcoFormer vs timm's ``pvt_v2_b0`` (SRA) and pvtv2_b0 full MSA (sr=False).
+
+    224 and 448 px (``--quick``: 64 and 96 px, batch 2), the three models timed in turn (interleaved repeats in this
+    one process, after a warm-up), median per model, ratios to timm. Then the seconds of one hash re-fit of the
+    whole EcoFormer model (``HashLearningCallback.fit``: 32 images at 224 px, defaults; ``--quick``: 4 at 96 px).
+    """
+    import statistics
+    import time
+
+    import timm
+    import torch
+
+    import models  # noqa: F401 (registers pvtv2_*)
+    from hashing import HashLearningCallback
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    reference = "timm pvt_v2_b0 (SRA)"
+    nets = {
+        reference: timm.create_model("pvt_v2_b0"),
+        "pvtv2_b0 softmax MSA": timm.create_model("pvtv2_b0", attn="softmax", attn_kwargs={"sr": False}),
+        "pvtv2_b0 EcoFormer": timm.create_model("pvtv2_b0", attn="ecoformer"),
+    }
+    nets = {name: net.to(device).eval() for name, net in nets.items()}
+    sizes = [(64, 2), (96, 2)] if args.quick else [(224, 32), (448, 8)]
+    repeats = 2 if args.quick else 9
+    print(f"EcoFormer inference on {device} ({torch.get_num_threads()} threads), median of {repeats} interleaved runs")
+    print(f"{'px':>5} {'batch':>5}  {'model':<24} {'img/s':>9} {'vs timm':>8}")
+    for size, batch in sizes:
+        x = torch.randn(batch, 3, size, size, device=device)
+        seconds = {name: [] for name in nets}
+        with torch.inference_mode():
+            for net in nets.values():
+                net(x)
+            for _ in range(repeats):
+                for name, net in nets.items():
+                    synchronize()
+                    start = time.perf_counter()
+                    net(x)
+                    synchronize()
+                    seconds[name].append(time.perf_counter() - start)
+        rates = {name: batch / statistics.median(times) for name, times in seconds.items()}
+        for name, rate in rates.items():
+            print(f"{size:>5} {batch:>5}  {name:<24} {rate:>9.2f} {rate / rates[reference]:>7.2f}x")
+
+    n_images, size = (4, 96) if args.quick else (32, 224)
+    model = nets["pvtv2_b0 EcoFormer"]
+    fixed = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    callback = HashLearningCallback(fixed, steps=5 if args.quick else 100)
+    start = time.perf_counter()
+    stats = callback.fit(model, epoch=0)
+    synchronize()
+    print(f"hash re-fit of all {len(stats)} EcoFormer layers ({n_images} images at {size} px, {callback.steps} steps "
+          f"per bit, {callback.max_tokens} tokens per image): {time.perf_counter() - start:.1f} s")
+    for name, layer in stats.items():
+        print(f"  {name:<24} loss {layer['loss_before']:7.2f} -> {layer['loss_after']:7.2f}  top-{callback.pairs} "
+              f"agreement {layer['agreement_before']:.3f} -> {layer['agreement_after']:.3f}  {layer['seconds']:.1f} s")
 
 
 def bench_bitformer(args: argparse.Namespace) -> None:
