@@ -40,7 +40,8 @@ class HashLearningCallback:
         images: (n, 3, H, W) fixed training images (kept on CPU, moved to the model's device in batches).
         every_epochs: τ >= 1; fits at epochs 0, τ, 2τ, ...
         max_tokens: tokens subsampled per image, bounding each problem to max_tokens² pairs.
-        pairs: l >= 1 similar and l dissimilar pairs per token (2l <= tokens per image at fit time).
+        pairs: l >= 1 similar and l dissimilar pairs per token; a layer with fewer than 2l tokens per image is
+            fitted with l = tokens // 2.
         steps, lr, optimizer: gradient steps per bit and the step rule (see :func:`hashing.fit.fit_hash`).
         seed: fits are deterministic for (seed, epoch).
         batch_size: images per forward pass.
@@ -91,8 +92,11 @@ class HashLearningCallback:
                     stats = torch.zeros(len(fields(HashFitStats)), dtype=torch.float64)
                     if fits_here:
                         units = self._collect_units(model, hash_fn, generator, param)
-                        fitted = fit_hash(hash_fn, units, self.pairs, self.steps, self.lr, self.optimizer,
-                                          generator)
+                        pairs = min(self.pairs, units.shape[1] // 2)
+                        if pairs < self.pairs:  # small token grids (e.g. 4x4 tokens of a 32 px image in stage 1)
+                            _logger.info("%s has %d tokens per image: fitting with pairs=%d instead of %d", name,
+                                         units.shape[1], pairs, self.pairs)
+                        fitted = fit_hash(hash_fn, units, pairs, self.steps, self.lr, self.optimizer, generator)
                         stats = torch.tensor(list(asdict(fitted).values()), dtype=torch.float64)
                     if distributed:
                         stats = stats.to(hash_fn.anchors.device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 
 import pytest
@@ -390,9 +391,15 @@ def test_callback_validation(kwargs, match):
 def test_pairs_must_fit_the_tokens_at_fit_time():
     with pytest.raises(ValueError, match=r"pairs=9 needs 2\*pairs <= tokens per image.*16 tokens"):
         fit_hash(KernelizedHash(1, 8), F.normalize(torch.randn(2, 16, 1, 8), dim=-1), pairs=9)
-    model = tiny_model()  # 32 px: stage 2 has 2x2 = 4 tokens per image
-    with pytest.raises(ValueError, match=r"pairs=3 needs 2\*pairs <= tokens per image.*4 tokens"):
-        HashLearningCallback(images(2), pairs=3, steps=1).on_epoch_start(model, 0)
+
+
+def test_callback_fits_small_token_grids_with_fewer_pairs(caplog):
+    """At 32 px stage 2 has 2x2 = 4 tokens per image: the callback fits it with pairs = 2 instead of failing."""
+    model = tiny_model()
+    with caplog.at_level(logging.INFO, logger="hashing.callback"):
+        stats = HashLearningCallback(images(8), pairs=3, steps=1).on_epoch_start(model, 0)
+    assert len(stats) == 3 and all(math.isfinite(layer["loss_after"]) for layer in stats.values())
+    assert "has 4 tokens per image: fitting with pairs=2 instead of 3" in caplog.text
     with pytest.raises(ValueError, match=r"images must be"):
         HashLearningCallback(torch.randn(3, 32, 32))
 
