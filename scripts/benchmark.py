@@ -19,7 +19,7 @@ Batch at size s: max(1, round(batch · min(1, (224/s)²))) (batch 64 on CUDA, 8 
   malloc_trim: every page the step touches (allocator slack included), so approximate; tracemalloc would miss
   torch's tensors entirely.
 - hash learning: seconds of one re-fit of every EcoFormer hash (hashing.HashLearningCallback on random images with
-  the settings of configs/train.yaml `hash`: 32 images; pairs l capped at half the tokens of the smallest layer),
+  the settings of configs/train.yaml `hash`: 32 images; a layer with fewer than 2l tokens per image uses l = tokens // 2),
   against one epoch of training estimated from the measured train images/s; share = fit / (fit + epoch), i.e. for
   a re-fit every epoch (τ = 1).
 
@@ -50,7 +50,6 @@ import torch.nn as nn  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from attention import get_attention_class  # noqa: E402
 from engine.build import build_model  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -279,13 +278,8 @@ def hash_cost(model_name: str, rows: List[Row], base_batch: int, device: torch.d
             from hashing import HashLearningCallback
 
             model = build("EcoFormer", model_name, device)
-            # 2·pairs <= tokens per image in every fitted layer (stage 2 has 4 tokens at 32 px)
-            tokens = min(min(stage_tokens(size)[int(name.split(".")[1])], settings["max_tokens"])
-                         for name, m in model.attention_modules() if isinstance(m, get_attention_class("ecoformer")))
-            pairs = min(config_pairs, tokens // 2)
-            result["pairs"] = pairs
             callback = HashLearningCallback(torch.randn(num_images, 3, size, size, generator=torch.Generator()
-                                                        .manual_seed(0)), **dict(settings, pairs=pairs))
+                                                        .manual_seed(0)), **dict(settings, pairs=config_pairs))
             sync(device)
             t0 = time.perf_counter()
             callback.on_epoch_start(model, 0)

@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
 import timm
 
 import attention
