@@ -141,3 +141,28 @@ def test_wandb_logger_runs_offline_without_network(tmp_path):
     assert code == 0, err[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_bf16_ema_accumulation_clipping_and_init_from_timm_weights(tmp_path):
+    """One run with the less common options on; then eval.py on its EMA weights and on a bare timm weight file."""
+    import timm
+
+    timm_file = str(tmp_path / "pvt_v2_b0.pth")
+    torch.save(timm.create_model("pvt_v2_b0", num_classes=10).state_dict(), timm_file)
+    run_dir = str(tmp_path / "run")
+    code, out, err = run("train.py", "experiment=smoke", "epochs=1", "amp=bf16", "ema.enabled=true", "ema.decay=0.9",
+                         "grad_accum=2", "grad_clip=1.0", f"init={timm_file}", "attn=ecoformer",
+                         f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-3000:]
+    assert "init from" in out and "'converted'" in out
+    record = metrics(run_dir)[0]
+    assert {"val_top1", "val_ema_top1"} <= record.keys() and record["train_loss"] == record["train_loss"]
+    code, out, err = run("eval.py", f"ckpt={run_dir}/checkpoints/last.ckpt", "use_ema=true",
+                         f"results={tmp_path}/res.json", f"hydra.run.dir={tmp_path}/e1")
+    assert code == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["use_ema"] and result["top1"] == record["val_ema_top1"]
+    assert json.load(open(tmp_path / "res.json")) == result
+    code, out, err = run("eval.py", f"ckpt={timm_file}", "model=pvtv2_b0", "data=fake", f"hydra.run.dir={tmp_path}/e2")
+    assert code == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["params"] == 3412330
