@@ -28,8 +28,11 @@ log = logging.getLogger("eval")
 
 def resolve_data(cfg: DictConfig, train_cfg: Any) -> DictConfig:
     """``data=<name>`` as chosen; otherwise the checkpoint's data config with the non-null keys of ``cfg.data``."""
-    if cfg.data.name is not None:
+    if cfg.data.get("img_size") is not None and cfg.data.name is not None:  # a whole data config (data=<name>)
         return cfg.data
+    if cfg.data.name is not None and (train_cfg is None or cfg.data.name != train_cfg.data.name):
+        raise ConfigError(f"data.name={cfg.data.name}: choose another dataset with data={cfg.data.name} "
+                          "(the group), not data.name")
     if train_cfg is None:
         raise ConfigError("this weight file carries no data config: choose one with data=<cifar100|imagenet|folder|"
                           "fake> data.root=DIR")
@@ -49,7 +52,13 @@ def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
         weights = state["model_ema"] if cfg.use_ema else state["model"]
         if weights is None:
             raise ConfigError(f"use_ema=true but {path} has no EMA weights (trained with ema.enabled=false)")
-        model = build_model(train_cfg.model, train_cfg.attn, int(weights["head.weight"].shape[0]))
+        if cfg.get("attn") is not None:  # e.g. attn=bitformer attn.score_path=packed: same attention, other options
+            if cfg.attn.name != train_cfg.attn.name:
+                raise ConfigError(f"attn={cfg.attn.name}: {path} was trained with attn={train_cfg.attn.name}; "
+                                  "only that attention's options can be changed")
+            train_cfg.attn = OmegaConf.merge(train_cfg.attn, cfg.attn)
+        model = build_model(train_cfg.model, train_cfg.attn, int(weights["head.weight"].shape[0]),
+                            load_pretrained=False)
         model.load_state_dict(weights)
         return model, train_cfg, {"model": train_cfg.model.name, "attn": train_cfg.attn.name,
                                   "epoch": int(state["epoch"])}
@@ -59,7 +68,7 @@ def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
     weights = load_checkpoint_state(path, use_ema=bool(cfg.use_ema))
     head = weights.get("head.weight")
     attn_cfg = cfg.get("attn") or {"name": "softmax"}
-    model = build_model(cfg.model, attn_cfg, int(head.shape[0]) if head is not None else 1000)
+    model = build_model(cfg.model, attn_cfg, int(head.shape[0]) if head is not None else 1000, load_pretrained=False)
     adapted, report = adapt_state_dict(weights, model)
     model.load_state_dict(adapted)
     log.info("loaded %s: %s", path, {k: len(v) for k, v in report.items()})

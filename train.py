@@ -45,16 +45,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def setup_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises the process group when launched by torchrun."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, 0
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group (NCCL on CUDA, gloo on CPU) under torchrun."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), local_rank
+    device = resolve_device(device_name, local_rank)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def seed_everything(seed: int) -> None:
@@ -67,12 +67,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_callbacks(cfg: DictConfig, model: nn.Module, train_eval_ds: Any) -> List[Any]:
-    """The hash-learning callback when the model has EcoFormer layers (DESIGN §4), on fixed training images."""
+def build_callbacks(cfg: DictConfig, model: nn.Module) -> List[Any]:
+    """The hash-learning callback when the model has EcoFormer layers (DESIGN §4), on fixed training images
+    (with the evaluation transform)."""
     if not any(m.attn_name == "ecoformer" for _, m in model.attention_modules()):
         return []
     from hashing import HashLearningCallback
 
+    train_eval_ds = build_dataset(cfg.data, True, build_transform(cfg.data, train=False))
     generator = torch.Generator().manual_seed(int(cfg.hash.seed))
     count = min(int(cfg.hash.num_images), len(train_eval_ds))
     index = torch.randperm(len(train_eval_ds), generator=generator)[:count].tolist()
@@ -82,16 +84,24 @@ def build_callbacks(cfg: DictConfig, model: nn.Module, train_eval_ds: Any) -> Li
                                  seed=int(cfg.hash.seed))]
 
 
+def steps_per_epoch(cfg: DictConfig, loader: Any) -> int:
+    return len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), int(cfg.max_steps_per_epoch))
+
+
 def train_one_epoch(epoch: int, model: nn.Module, loader: Any, criterion: nn.Module, optimizer: Any, scheduler: Any,
                     scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3], mixup: Any,
                     cfg: DictConfig, device: torch.device, dtype: Optional[torch.dtype], rank: int) -> Dict[str, float]:
-    """One pass over ``loader``; optimizer step every ``grad_accum`` batches, scheduler stepped per update."""
+    """One pass over ``loader``: an optimizer step every ``grad_accum`` batches (whole windows only), the scheduler
+    and EMA stepped per update. A window with a non-finite loss raises :class:`NonFiniteLossError` naming its step,
+    or is skipped (``skip_nonfinite``); ranks decide together, once per update."""
     model.train()
     accum = int(cfg.grad_accum)
-    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), int(cfg.max_steps_per_epoch))
-    updates_per_epoch = max(1, steps // accum)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen, skipped, start = 0, 0, time.perf_counter()
+    updates_per_epoch = steps_per_epoch(cfg, loader) // accum
+    steps = updates_per_epoch * accum
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # over the images of finite windows
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_finite = torch.ones((), device=device)
+    seen, counted, window_images, skipped, start = 0, 0, 0, 0, time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(loader):
@@ -102,51 +112,57 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Any, criterion: nn.Mod
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        update = (step + 1) % accum == 0 or step + 1 == steps
+        update = (step + 1) % accum == 0
         sync = update or not isinstance(model, DistributedDataParallel)
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-            loss = criterion(model(images), targets)
-        finite = torch.isfinite(loss.detach())
-        if dist.is_initialized():  # every rank must take the same decision
-            finite = finite.float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite.bool()
-        if not finite:
-            if not cfg.skip_nonfinite:
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}")
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("skipping step %d of epoch %d: non-finite loss", step, epoch)
-            continue
-        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        with contextlib.nullcontext() if sync else model.no_sync():  # DDP: all-reduce gradients on updates only
+            with autocast(device, dtype):
+                loss = criterion(model(images), targets)
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        window_finite = window_finite * torch.isfinite(loss.detach())
+        window_loss += loss.detach().double() * len(images)
+        window_images += len(images)
         if update:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            if dist.is_initialized():  # every rank takes the same decision
+                dist.all_reduce(window_finite, op=dist.ReduceOp.MIN)
+            if window_finite.item():
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                loss_sum += window_loss
+                counted += window_images
+            elif not cfg.skip_nonfinite:
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}")
             else:
-                optimizer.step()
+                skipped += 1
+                log.warning("skipping step %d of epoch %d: non-finite loss", step, epoch)
             optimizer.zero_grad(set_to_none=True)
+            seen += window_images
+            window_loss.zero_()
+            window_finite.fill_(1.0)
+            window_images = 0
+            update_index = epoch * updates_per_epoch + (step + 1) // accum
             if ema is not None:
-                ema.update(model, step=epoch * updates_per_epoch + (step + 1) // accum)
+                ema.update(model, step=update_index)
             if scheduler is not None:
-                scheduler.step_update(epoch * updates_per_epoch + (step + 1) // accum)
-        loss_sum += loss.detach().double() * len(images)
-        seen += len(images)
+                scheduler.step_update(update_index)
         if rank == 0 and (step % int(cfg.log_interval) == 0 or step + 1 == steps):
-            rate = seen * max(1, dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - start)
+            rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{rate:.0f}")
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
-    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    totals = torch.stack([loss_sum, torch.tensor(float(counted), dtype=torch.float64, device=device),
+                          torch.tensor(float(seen), dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "images_per_s": totals[1].item() / seconds,
+    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "images_per_s": totals[2].item() / seconds,
             "seconds": seconds, "skipped_steps": skipped}
 
 
@@ -179,8 +195,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     except ConfigError as err:
         log.error("%s", err)
         raise SystemExit(2) from None
-    rank, world_size, local_rank = setup_distributed()
-    device = resolve_device(cfg.device, local_rank)
+    rank, world_size, device = setup_distributed(cfg.device)
     dtype = amp_dtype(cfg.amp, device)
     seed_everything(int(cfg.seed) + rank)
     resume_path = resolve_resume(cfg, run_dir)
@@ -190,8 +205,12 @@ def main(cfg: DictConfig) -> Optional[float]:
                  dtype)
 
     # data ------------------------------------------------------------------------------------------------------
+    if world_size > 1 and rank != 0:
+        dist.barrier()  # rank 0 downloads (data.download=true) and checks the data first
     train_ds = build_dataset(cfg.data, True, build_transform(cfg.data, train=True))
     val_ds = build_dataset(cfg.data, False, build_transform(cfg.data, train=False))
+    if world_size > 1 and rank == 0:
+        dist.barrier()
     if len(train_ds) // world_size < int(cfg.data.batch_size):
         raise SystemExit(f"data.batch_size={cfg.data.batch_size} is larger than the training set per process "
                          f"({len(train_ds) // world_size} images); lower data.batch_size")
@@ -207,12 +226,12 @@ def main(cfg: DictConfig) -> Optional[float]:
         criterion = nn.CrossEntropyLoss()
 
     # model -----------------------------------------------------------------------------------------------------
-    model = build_model(cfg.model, cfg.attn, num_classes)
+    model = build_model(cfg.model, cfg.attn, num_classes, load_pretrained=resume_path is None)
     if cfg.init and not resume_path:
         adapted, report = adapt_state_dict(load_checkpoint_state(cfg.init), model)
         model.load_state_dict(adapted)
         log.info("init from %s: %s", cfg.init, {k: len(v) for k, v in report.items()})
-    callbacks = build_callbacks(cfg, model, build_dataset(cfg.data, True, build_transform(cfg.data, train=False)))
+    callbacks = build_callbacks(cfg, model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -221,9 +240,10 @@ def main(cfg: DictConfig) -> Optional[float]:
         log.info("%s attn=%s: %.2f M parameters, %d classes", cfg.model.name, cfg.attn.name, params / 1e6, num_classes)
 
     # optimizer, schedule, EMA, AMP scaler --------------------------------------------------------------------------
-    steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader),
-                                                                                    int(cfg.max_steps_per_epoch))
-    updates_per_epoch = max(1, steps_per_epoch // int(cfg.grad_accum))
+    updates_per_epoch = steps_per_epoch(cfg, train_loader) // int(cfg.grad_accum)
+    if updates_per_epoch < 1:
+        raise SystemExit(f"grad_accum={cfg.grad_accum} is larger than the {steps_per_epoch(cfg, train_loader)} steps "
+                         "of an epoch; lower grad_accum or data.batch_size")
     lr = float(cfg.optim.lr)
     if cfg.optim.lr_base_batch:
         lr *= int(cfg.data.batch_size) * world_size * int(cfg.grad_accum) / float(cfg.optim.lr_base_batch)
@@ -236,6 +256,7 @@ def main(cfg: DictConfig) -> Optional[float]:
                                        min_lr=float(cfg.sched.min_lr), cooldown_epochs=int(cfg.sched.cooldown_epochs),
                                        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    # buffers (EcoFormer hashes) are copied, not averaged: the EMA model always uses the current hashes
     ema = (ModelEmaV3(model, decay=float(cfg.ema.decay), use_warmup=bool(cfg.ema.warmup), exclude_buffers=True)
            if cfg.ema.enabled else None)
 
@@ -251,6 +272,8 @@ def main(cfg: DictConfig) -> Optional[float]:
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("model_ema") is not None:
             ema.module.load_state_dict(state["model_ema"])
+        elif ema is not None:  # EMA newly enabled on resume: start it from the resumed weights
+            ema.set(model)
         ckpt_io.set_rng_state(state["rng"])
         if rank != 0:  # each rank continues its own stream
             torch.manual_seed(int(cfg.seed) + rank + 1000 * int(state["epoch"]))
@@ -261,7 +284,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     if cfg.compile:
         train_model = torch.compile(model)
     if world_size > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     wandb_run = None
     if rank == 0 and cfg.logger.name == "wandb":
@@ -285,10 +308,6 @@ def main(cfg: DictConfig) -> Optional[float]:
                 record["hash_fit"] = stats
                 if world_size > 1:
                     check_buffers_in_sync(model)
-                if ema is not None:  # the EMA model shares the freshly fitted hashes
-                    ema.module.load_state_dict(
-                        {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())},
-                        strict=False)
         try:
             record.update(train_one_epoch(epoch, train_model, train_loader, criterion, optimizer, scheduler, scaler,
                                           ema, mixup, cfg, device, dtype, rank))
@@ -297,8 +316,6 @@ def main(cfg: DictConfig) -> Optional[float]:
             log.error("%s; stopping without saving (last good checkpoint: %s). Lower optim.lr, set grad_clip, or "
                       "set skip_nonfinite=true to skip such steps", err, last if os.path.isfile(last) else "none")
             raise SystemExit(3) from None
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
         record["lr"] = optimizer.param_groups[0]["lr"]
         if bad_image_count(train_ds):
             record["bad_images"] = bad_image_count(train_ds)

@@ -20,10 +20,12 @@ def attention_args(attn_cfg: Any) -> Dict[str, Any]:
     return dict(attn=name, attn_kwargs=options, attn_stages=None if stages is None else list(stages))
 
 
-def build_model(model_cfg: Any, attn_cfg: Any, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+def build_model(model_cfg: Any, attn_cfg: Any, num_classes: Optional[int] = None, load_pretrained: bool = True,
+                **overrides: Any) -> nn.Module:
     """Build the configured PVTv2 (``model.name``) with the configured attention.
 
-    ``model.pretrained`` / ``model.pretrained_file`` load timm's PVTv2 ImageNet weights (converted to the attention).
+    ``model.pretrained`` / ``model.pretrained_file`` load timm's PVTv2 ImageNet weights (converted to the attention)
+    unless ``load_pretrained`` is false (weights about to be replaced: resume, evaluation, checks).
     """
     name = model_cfg["name"]
     valid = timm.list_models("pvtv2_*")
@@ -33,7 +35,8 @@ def build_model(model_cfg: Any, attn_cfg: Any, num_classes: Optional[int] = None
                                   drop_path_rate=model_cfg.get("drop_path_rate", 0.0), **overrides)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    pretrained_file = model_cfg.get("pretrained_file")
+    pretrained_file = model_cfg.get("pretrained_file") if load_pretrained else None
     if pretrained_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
-    return timm.create_model(name, pretrained=bool(model_cfg.get("pretrained") or pretrained_file), **kwargs)
+    pretrained = load_pretrained and bool(model_cfg.get("pretrained") or pretrained_file)
+    return timm.create_model(name, pretrained=pretrained, **kwargs)

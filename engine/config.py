@@ -33,9 +33,13 @@ def validate_model_config(cfg: DictConfig, errors: List[str]) -> None:
     if errors:
         return
     try:  # every attention option is checked by its constructor (a second or two for the largest models)
-        build_model(cfg.model, cfg.attn, num_classes=1)
+        build_model(cfg.model, cfg.attn, num_classes=1, load_pretrained=False)
     except (ValueError, NotImplementedError) as err:
         errors.append(f"attn={cfg.attn.name}: {err}")
+    if cfg.attn.get("score_path") == "packed":
+        errors.append("attn.score_path=packed is Bitformer's inference path (no gradient through XOR/popcount): "
+                      "train with attn.score_path=float, then evaluate with "
+                      "`python eval.py ckpt=... attn=bitformer attn.score_path=packed`")
 
 
 def validate_data_config(data: DictConfig, errors: List[str]) -> None:
@@ -44,6 +48,9 @@ def validate_data_config(data: DictConfig, errors: List[str]) -> None:
            f"data.img_size={data.img_size}: PVTv2 needs at least {MIN_INPUT_SIZE} px")
     _check(errors, int(data.batch_size) >= 1, f"data.batch_size={data.batch_size}: must be >= 1")
     _check(errors, int(data.num_workers) >= 0, f"data.num_workers={data.num_workers}: must be >= 0")
+    mixing = data.get("aug") is not None and (data.aug.mixup > 0 or data.aug.cutmix > 0)
+    _check(errors, not mixing or int(data.batch_size) % 2 == 0,
+           f"data.batch_size={data.batch_size}: mixup/cutmix need an even batch size")
     if data.get("per_class") is not None:
         _check(errors, int(data.per_class) >= 1, f"data.per_class={data.per_class}: must be >= 1 or null")
 

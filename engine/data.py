@@ -176,13 +176,16 @@ def build_transform(cfg: Any, train: bool) -> Callable:
     if aug.crop == "rrc":
         return create_transform(size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip,
                                 color_jitter=aug.color_jitter or 0.0, auto_augment=aug.auto_augment,
-                                interpolation=cfg.interpolation, mean=mean, std=std, re_prob=aug.reprob)
+                                interpolation=cfg.interpolation, mean=mean, std=std, re_prob=aug.reprob,
+                                re_mode="pixel")
     if aug.crop != "pad":
         raise ValueError(f"unknown data.aug.crop {aug.crop!r}; valid: pad, rrc")
     steps: List[Callable] = []
     if size != 32:
         steps.append(transforms.Resize(size, interpolation=transforms.InterpolationMode(cfg.interpolation)))
     steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip(aug.hflip)]
+    if aug.color_jitter:
+        steps.append(transforms.ColorJitter(*(3 * [float(aug.color_jitter)])))
     if aug.auto_augment:
         steps.append(rand_augment_transform(aug.auto_augment, dict(translate_const=int(size * 0.45),
                                                                    img_mean=tuple(round(255 * m) for m in mean))))

@@ -93,6 +93,10 @@ class HashLearningCallback:
                     if fits_here:
                         units = self._collect_units(model, hash_fn, generator, param)
                         pairs = min(self.pairs, units.shape[1] // 2)
+                        if pairs < 1:
+                            raise ValueError(f"{name} sees {units.shape[1]} token per image at this image size: "
+                                             "too few to fit a hash; leave its stage out of attn.stages or use "
+                                             "larger images (data.img_size)")
                         if pairs < self.pairs:  # small token grids (e.g. 4x4 tokens of a 32 px image in stage 1)
                             _logger.info("%s has %d tokens per image: fitting with pairs=%d instead of %d", name,
                                          units.shape[1], pairs, self.pairs)

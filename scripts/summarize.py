@@ -41,7 +41,8 @@ def energy_mj(config: Optional[Dict[str, Any]]) -> Optional[float]:
     from engine.build import build_model
     from models.ops import count_model_ops
 
-    model = build_model(config["model"], config["attn"], num_classes=config["data"].get("num_classes") or 1000)
+    model = build_model(config["model"], config["attn"], num_classes=config["data"].get("num_classes") or 1000,
+                        load_pretrained=False)
     return count_model_ops(model, int(config["data"]["img_size"]))["energy_pj"] / 1e9
 
 

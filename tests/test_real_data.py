@@ -43,3 +43,8 @@ def test_each_attention_learns_well_above_chance(attn, five_classes, tmp_path):
     code, out, err = run("eval.py", f"ckpt={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}/eval")
     assert code == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["top1"] == best
+    if attn == "bitformer":  # the deployment path: XOR + popcount scores, the same predictions
+        code, out, err = run("eval.py", f"ckpt={run_dir}/checkpoints/best.ckpt", "attn=bitformer",
+                             "attn.score_path=packed", f"hydra.run.dir={tmp_path}/eval_packed")
+        assert code == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["top1"] == best

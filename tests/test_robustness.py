@@ -88,7 +88,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_nan_weights_stop_the_run_without_writing_a_checkpoint(tmp_path):
+def test_nonfinite_loss_from_nan_weights_stops_the_run_without_writing_a_checkpoint(tmp_path):
     from models import load_checkpoint_state  # noqa: F401  (init path uses it)
     import timm
 
@@ -154,8 +154,9 @@ def test_invalid_values_fail_at_start_up_naming_each_key(tmp_path):
                     "optim.lr=-0.1: the learning rate must be > 0", "hash.every_epochs=0: tau must be >= 1"):
         assert message in text
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
-    code, out, err = run("train.py", *FAST, "attn.stages=[7]", f"hydra.run.dir={tmp_path}/run")
-    assert code == 2 and "valid stages: 0..3" in out + err
+    code, out, err = run("train.py", *FAST, "attn=bitformer", "attn.stages=[7]", "attn.score_path=packed",
+                         f"hydra.run.dir={tmp_path}/run")
+    assert code == 2 and "valid stages: 0..3" in out + err and "train with attn.score_path=float" in out + err
 
 
 @pytest.mark.parametrize("group, bad, valid", [("model", "pvtv2_b9", "pvtv2_b2_li"), ("attn", "linformer", "ecoformer"),
