@@ -290,8 +290,9 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
         elif "q.weight" in sub and "kv.weight" in sub:  # a softmax (SRA or MSA) block: convert
             out.update({prefix + k: v for k, v in module.adapt_softmax_state(sub, report, prefix).items()})
         else:
-            mismatched.append(f"{prefix[:-1]}: checkpoint keys {sorted(sub)[:6]} fit neither this model's "
-                              f"{module.attn_name} attention ({sorted(target)[:6]}) nor softmax attention")
+            mismatched.append(f"{prefix[:-1]}: the checkpoint has {sorted(set(sub) - set(target))[:8]} where this "
+                              f"model's {module.attn_name} attention has {sorted(set(target) - set(sub))[:8]} "
+                              "(neither the same attention nor softmax)")
     for key, value in own.items():
         if any(key.startswith(p) for p in attn_prefixes):
             continue
@@ -309,7 +310,7 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
             report["copied"].append(key)
     extra = [k for k in state if k not in own and not any(k.startswith(p) for p in attn_prefixes)]
     if mismatched or len(report["new"]) > 0.5 * len(own):
-        raise ValueError("checkpoint does not fit this model (another architecture?): "
+        raise ValueError("checkpoint does not fit this model (another architecture or attention?): "
                          + "; ".join(mismatched[:8] or [f"{len(report['new'])} missing keys, e.g. "
                                                         f"{report['new'][:5]}; unexpected keys, e.g. {extra[:5]}"]))
     report["dropped"].extend(extra)

@@ -4,14 +4,15 @@
     python train.py -m attn=softmax,bitformer,ecoformer seed=0,1
     python scripts/summarize.py multirun/2026-11-25/12-00-00 [--png curves.png] [--no-energy]
 
-Columns: job, overrides, best top-1, final top-1, epochs, training seconds, energy per image (mJ, DESIGN §6;
-computed from the job's model config at its image size).
+Columns: job, overrides, best / final top-1, final top-5, epochs, median training seconds per epoch, total training
+seconds, energy per image (mJ, DESIGN §6; computed from the job's model config at its image size).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -54,15 +55,18 @@ def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) ->
             if os.path.isdir(os.path.join(sweep_dir, name)) and (job := read_job(os.path.join(sweep_dir, name)))]
     if not jobs:
         raise SystemExit(f"{sweep_dir}: no job folder with a metrics.jsonl")
-    rows: List[str] = ["| job | overrides | best top-1 | final top-1 | epochs | seconds | energy (mJ) |",
-                       "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows: List[str] = ["| job | overrides | best top-1 | final top-1 | final top-5 | epochs | s/epoch (median) | "
+                       "seconds | energy (mJ) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for job in jobs:
         top1 = [r["val_top1"] for r in job["records"] if "val_top1" in r]
-        seconds = sum(r.get("seconds", 0.0) for r in job["records"])
+        top5 = [r["val_top5"] for r in job["records"] if "val_top5" in r]
+        epoch_seconds = [r.get("seconds", 0.0) for r in job["records"]]
+        seconds = sum(epoch_seconds)
         mj = energy_mj(job["config"]) if energy else None
-        best, final = (f"{max(top1):.2f}", f"{top1[-1]:.2f}") if top1 else ("-", "-")
-        rows.append(f"| {job['name']} | {' '.join(job['overrides']) or '-'} | {best} | {final} | "
-                    f"{len(job['records'])} | {seconds:.0f} | {'-' if mj is None else f'{mj:.3f}'} |")
+        best, final, final5 = (f"{max(top1):.2f}", f"{top1[-1]:.2f}", f"{top5[-1]:.2f}") if top1 else ("-",) * 3
+        rows.append(f"| {job['name']} | {' '.join(job['overrides']) or '-'} | {best} | {final} | {final5} | "
+                    f"{len(job['records'])} | {statistics.median(epoch_seconds):.0f} | {seconds:.0f} | "
+                    f"{'-' if mj is None else f'{mj:.3f}'} |")
     if png:
         import matplotlib
 

@@ -222,3 +222,14 @@ def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, tmp_path):
     code, out, err = run("train.py", *common, "data.skip_bad_images=true", f"hydra.run.dir={tmp_path}/b")
     assert code == 0, err[-2000:]
     assert '"bad_images": 1' in open(tmp_path / "b" / "metrics.jsonl").read()
+
+
+def test_a_checkpoint_of_another_attention_names_the_mismatching_keys():
+    import timm
+
+    from models import adapt_state_dict
+
+    bitformer = timm.create_model("pvtv2_b0", attn="bitformer", num_classes=10).state_dict()
+    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn: the checkpoint has .*'k\.weight'.* where "
+                                         r"this model's ecoformer attention has .*'qk\.weight'"):
+        adapt_state_dict(bitformer, timm.create_model("pvtv2_b0", attn="ecoformer", num_classes=10))
