@@ -77,11 +77,11 @@ def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) ->
         for job in jobs:
             points = [(r["epoch"], r["val_top1"]) for r in job["records"] if "val_top1" in r]
             if points:
-                ax.plot(*zip(*points), marker="o", label=" ".join(job["overrides"]) or job["name"])
+                ax.plot(*zip(*points), marker="o", label=job["name"])  # the table maps job names to overrides
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         plt.close(fig)
