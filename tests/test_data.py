@@ -17,10 +17,7 @@ CIFAR_CFG = OmegaConf.load(os.path.join(ROOT, "configs", "data", "cifar100.yaml"
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
-    out = tmp_path_factory.mktemp("c100")
-    if not export_cifar(out, "pickle", 3):
-        pytest.skip(f"real CIFAR-100 not found at {SHARED_DATA}")
-    return str(out)
+    return str(export_cifar(tmp_path_factory.mktemp("c100"), "pickle", 3))
 
 
 def test_offline_cifar_copy_with_other_md5_is_read_with_a_warning(cifar_root, caplog):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import train
 from engine import checkpoint as ckpt_io
 from engine.data import build_dataset
-from helpers import ROOT, SHARED_DATA, export_cifar, run
+from helpers import ROOT, export_cifar, run
 
 FAST = ["experiment=smoke", "epochs=1"]
 
@@ -204,9 +204,7 @@ def test_unwritable_run_folder_fails_at_start_up(tmp_path):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("folder")
-    if not export_cifar(out, "folder", 1):
-        pytest.skip(f"real CIFAR-100 not found at {SHARED_DATA}")
+    out = export_cifar(tmp_path_factory.mktemp("folder"), "folder", 1)
     os.rename(out / "test", out / "val")
     bad = sorted((out / "train" / "apple").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG

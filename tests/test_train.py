@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from engine.build import build_model
 from engine.config import validate_train_config
-from helpers import ROOT, SHARED_DATA, export_cifar, metrics, run
+from helpers import ROOT, export_cifar, metrics, run
 
 MODELS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "model")))
 ATTNS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "attn")))
@@ -23,10 +23,7 @@ DATA = ["cifar100", "imagenet", "folder", "fake"]
 @pytest.fixture(scope="session")
 def cifar_subset(tmp_path_factory):
     """The real CIFAR-100, first 10 images per class of each split, in the official pickle layout."""
-    out = tmp_path_factory.mktemp("cifar")
-    if not export_cifar(out, "pickle", 10):
-        pytest.skip(f"real CIFAR-100 not found at {SHARED_DATA} (set ECOPVT_SHARED_DATA)")
-    return str(out)
+    return str(export_cifar(tmp_path_factory.mktemp("cifar"), "pickle", 10))
 
 
 def test_every_model_attention_and_data_config_composes_and_builds():
