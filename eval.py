@@ -21,7 +21,7 @@ from engine.build import build_model
 from engine.config import ConfigError, validate_data_config
 from engine.data import build_dataset, build_loader, build_transform
 from engine.evaluate import amp_dtype, evaluate, resolve_device
-from models import adapt_state_dict, load_checkpoint_state
+from models import adapt_state_dict, load_checkpoint_state, model_state_of
 
 log = logging.getLogger("eval")
 
@@ -65,7 +65,8 @@ def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
     if cfg.get("model") is None:
         raise ConfigError(f"{path} is a bare weight file: name its model with model=<pvtv2_b0|...> "
                           "(and attn=<name> if not softmax)")
-    weights = load_checkpoint_state(path, use_ema=bool(cfg.use_ema))
+    weights = (model_state_of(state, bool(cfg.use_ema), str(path)) if state  # already loaded above
+               else load_checkpoint_state(path, use_ema=bool(cfg.use_ema)))
     head = weights.get("head.weight")
     attn_cfg = cfg.get("attn") or {"name": "softmax"}
     model = build_model(cfg.model, attn_cfg, int(head.shape[0]) if head is not None else 1000, load_pretrained=False)

@@ -251,7 +251,11 @@ def load_checkpoint_state(path: Union[str, os.PathLike], use_ema: bool = False) 
         from safetensors.torch import load_file
 
         return load_file(path)
-    obj = load_checkpoint(path)
+    return model_state_of(load_checkpoint(path), use_ema, path)
+
+
+def model_state_of(obj: Any, use_ema: bool = False, path: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """The model weights inside a loaded checkpoint object (see :func:`load_checkpoint_state`)."""
     if isinstance(obj, dict):
         if use_ema:
             if obj.get("model_ema") is None:
