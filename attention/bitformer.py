@@ -17,12 +17,19 @@ not the authors' implementation. The choices made here:
 * Two score paths give bit-identical s (:func:`bit_scores`): ``"float"`` (training and default) multiplies the
   ±1 codes as floats, exact because |s| <= T, with a straight-through estimator for sign (gradient passed where
   |z| <= 1); ``"packed"`` (inference) packs each code into one integer word of the narrowest width that holds T
-  bits (int8/16/32/64; ceil(T/64) int64 words beyond 64 bits) and computes XOR + a SWAR popcount.
+  bits (int8/16/32/64) and computes XOR + popcount: on CPU with two fused C++ kernels (``csrc/xor_popcount.cpp``,
+  compiled on first use and cached, :func:`bit_kernels`), elsewhere or without a compiler with vectorised
+  PyTorch code (bit packing by a carry-free multiply, a SWAR :func:`popcount`).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import math
-from typing import Dict, List, Sequence
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +39,9 @@ from .base import AttentionBase, OpCount
 
 SCORE_PATHS = ("float", "packed")
 MAX_BITS = 64
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "xor_popcount.cpp"
+
+log = logging.getLogger(__name__)
 
 
 class _SignSTE(torch.autograd.Function):
@@ -54,11 +64,11 @@ def sign_ste(z: torch.Tensor) -> torch.Tensor:
 
 
 def word_dtype(bits: int) -> torch.dtype:
-    """The narrowest signed integer dtype holding ``bits`` bits; int64 (several words) beyond 64 bits."""
-    for dtype in (torch.int8, torch.int16, torch.int32):
+    """The narrowest signed integer dtype holding ``bits`` (1..64) bits: int8, int16, int32 or int64."""
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
         if bits <= dtype.itemsize * 8:
             return dtype
-    return torch.int64
+    raise ValueError(f"codes of {bits} bits do not fit one word; bits must be in 1..{MAX_BITS}")
 
 
 def _signed(value: int, width: int) -> int:
@@ -67,20 +77,23 @@ def _signed(value: int, width: int) -> int:
     return value - (1 << width) if value >> (width - 1) else value
 
 
-def pack_bits(codes: torch.Tensor) -> torch.Tensor:
-    """(..., T) reals -> (..., W) integer words holding the bits ``codes >= 0`` (sign +1; sign(0) = +1).
+def pack_bits(codes: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+    """(..., T) reals, T <= 64 -> (..., 1) integer words holding the bits ``codes >= 0`` (sign +1; sign(0) = +1).
 
-    Words have dtype :func:`word_dtype` (T); W = 1 for T <= 64, else ceil(T/64). On little-endian machines bit t
-    of the code is bit t of its word (on others the bits are permuted alike for every code, which XOR/popcount
-    scores do not see). Padding bits are 0, so they never count in an XOR of two packed codes.
+    Words have dtype :func:`word_dtype` (T); bit t of the code is bit t of its word. Padding bits are 0, so they
+    never count in an XOR of two packed codes. CPU tensors with ``kernel`` use the fused kernel where available
+    (:func:`bit_kernels`); otherwise PyTorch ops (on big-endian machines these permute the bits alike for every
+    code, which XOR/popcount scores do not see).
     """
     bits = codes.shape[-1]
+    ops = bit_kernels() if kernel and codes.device.type == "cpu" and codes.is_floating_point() else None
+    if ops is not None:
+        return ops.pack_sign_bits(codes.reshape(-1, bits)).view(*codes.shape[:-1], 1)
     dtype = word_dtype(bits)
     width = dtype.itemsize * 8
-    words = -(-bits // width)
     ones = codes >= 0
-    if words * width != bits:
-        ones = torch.cat([ones, ones.new_zeros(*ones.shape[:-1], words * width - bits)], dim=-1)
+    if width != bits:
+        ones = torch.cat([ones, ones.new_zeros(*ones.shape[:-1], width - bits)], dim=-1)
     # 8 booleans (bytes 0/1) per int64; the multiply moves byte k's bit to bit 56 + k without carries
     octets = ones.contiguous().view(torch.int64) * 0x0102040810204080 >> 56
     return octets.to(torch.uint8).view(dtype)
@@ -110,13 +123,59 @@ def popcount(words: torch.Tensor) -> torch.Tensor:
     return count
 
 
-def packed_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Scores of packed codes: (..., N, W) and (..., M, W) words -> (..., N, M) integers (the words' dtype).
+def _native_flags() -> Tuple[List[str], str]:
+    """(compiler flags, build-name tag): ``-march=native`` on x86-64 Linux, tagged with a hash of the CPU's feature
+    flags so that a cache shared by different machines never runs code built for another CPU."""
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        try:
+            cpu_flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+            return ["-O3", "-march=native"], "native_" + hashlib.sha1(cpu_flags.encode()).hexdigest()[:10]
+        except (OSError, StopIteration):
+            pass
+    return ["-O3"], platform.machine().lower() or "generic"
 
-        s_ij = T - 2·popcount(q_i XOR k_j)   (= Q_i·K_j for the ±1 codes), summed over the W words.
+
+@functools.lru_cache(maxsize=None)
+def bit_kernels() -> Optional[Any]:
+    """The fused CPU kernels of the packed path, ``torch.ops.ecopvt``, or None where they cannot be built.
+
+    * ``pack_sign_bits(z (R, T)) -> (R, 1)`` words (same result as :func:`pack_bits`' PyTorch ops);
+    * ``xor_popcount_scores(q (G, N), k (G, M), T) -> (G, N, M)``, s = T - 2·popcount(q XOR k).
+
+    Compiled from ``csrc/xor_popcount.cpp`` on first use (about 30 s, needs a C++ compiler and ninja) into
+    torch's extension cache (``TORCH_EXTENSIONS_DIR``), loaded from there afterwards. Where the build fails it
+    warns once and the packed path uses PyTorch ops (same scores, slower).
     """
-    diff = popcount(q_words.unsqueeze(-2) ^ k_words.unsqueeze(-3))
-    diff = diff.squeeze(-1) if diff.shape[-1] == 1 else diff.sum(-1, dtype=diff.dtype)
+    from torch.utils.cpp_extension import load
+
+    flags, tag = _native_flags()
+    source_hash = hashlib.sha1(KERNEL_SOURCE.read_bytes()).hexdigest()[:8]
+    try:
+        log.info("loading the XOR/popcount kernels (built on first use, ~30 s, then cached)")
+        load(name=f"ecopvt_xor_popcount_{tag}_{source_hash}", sources=[str(KERNEL_SOURCE)], extra_cflags=flags,
+             is_python_module=False)
+    except Exception as err:  # no compiler / ninja / headers: fall back, say why and how to fix it
+        log.warning("packed Bitformer scores use slower PyTorch ops: the XOR/popcount kernels could not be built "
+                    "(%s: %s). Install a C++ compiler and `pip install ninja` to enable them.",
+                    type(err).__name__, str(err).strip().splitlines()[-1] if str(err).strip() else "")
+        return None
+    return torch.ops.ecopvt
+
+
+def packed_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int, kernel: bool = True) -> torch.Tensor:
+    """Scores of packed codes: (..., N, 1) and (..., M, 1) words -> (..., N, M) integers (the words' dtype).
+
+        s_ij = T - 2·popcount(q_i XOR k_j)   (= Q_i·K_j for the ±1 codes).
+
+    CPU tensors with ``kernel`` use the fused kernel where available (:func:`bit_kernels`); otherwise XOR of
+    the broadcast words and :func:`popcount` in PyTorch (any device).
+    """
+    *lead, n, _ = q_words.shape
+    m = k_words.shape[-2]
+    ops = bit_kernels() if kernel and q_words.device.type == "cpu" else None
+    if ops is not None and q_words.shape[:-2] == k_words.shape[:-2]:
+        return ops.xor_popcount_scores(q_words.reshape(-1, n), k_words.reshape(-1, m), bits).view(*lead, n, m)
+    diff = popcount(q_words ^ k_words.transpose(-1, -2))
     return diff.mul_(-2).add_(bits)
 
 
@@ -209,10 +268,9 @@ class BitformerAttention(AttentionBase):
         return self.proj_drop(self.proj(out))
 
     def count_ops(self, feat_size: Sequence[int]) -> OpCount:
-        """Attention products for N queries x M keys, H heads, T bits, W = ceil(T/64) 64-bit words.
+        """Attention products for N queries x M keys, H heads, T bits (one word per code).
 
-        * ``bitops``: per score and word one XOR, one popcount and one integer add (accumulating the words,
-          or forming T - 2·popcount): 3·W·H·N·M.
+        * ``bitops``: per score one XOR, one popcount and one integer add (forming T - 2·popcount): 3·H·N·M.
         * ``mul``: P·v (N·M·C); the logit scaling s_ij·(gamma/√T·alpha_i)·beta_j, 2 per score, plus per
           token the 1/T of the means and per query the product with gamma/√T (a constant per head):
           2·H·N·M + H·(2N + M). Without ``token_scale``: s_ij·gamma/√T, H·N·M.
@@ -222,7 +280,7 @@ class BitformerAttention(AttentionBase):
         M = self.reduced_tokens(feat_size)
         H, T = self.num_heads, self.bits
         pv = N * M * self.dim
-        bitops = 3 * math.ceil(T / 64) * H * N * M
+        bitops = 3 * H * N * M
         if self.token_scale:
             return OpCount(mul=pv + 2 * H * N * M + H * (2 * N + M), add=pv + H * (N + M) * (T - 1), bitops=bitops)
         return OpCount(mul=pv + H * N * M, add=pv, bitops=bitops)

@@ -81,17 +81,19 @@ def bench_ecoformer(args: argparse.Namespace) -> None:
 def bench_bitformer(args: argparse.Namespace) -> None:
     """Score matrices at pvtv2_b0's stage shapes (224 px; ``--quick``: 64 px), one image, T = 16 bits.
 
-    N queries, M = N/sr² keys, H heads of size d = 32. ``packed``: XOR + popcount of codes packed beforehand
-    (packing both sides, timed alone, is ``pack``); ``float``: the ±1 codes (float32) multiplied, Q @ Kᵀ;
-    ``softmax``: q @ kᵀ at head size d. Memory: bytes of both operands plus the score matrix. Times are the median
-    of several runs; the two paths are checked to agree exactly.
+    N queries, M = N/sr² keys, H heads of size d = 32. Score products alone: ``packed`` = XOR + popcount of codes
+    packed beforehand (the fused C++ kernel on CPU), ``swar`` = the same in PyTorch ops (the fallback), ``float`` =
+    the ±1 codes (float32) multiplied, Q @ Kᵀ, ``softmax`` = q @ kᵀ at head size d. Whole score paths from the
+    projections z (what Bitformer's forward runs): ``pk path`` = pack both sides + packed scores, ``fl path`` =
+    sign both sides + float product (``bit_scores``). Memory: bytes of both operands plus the score matrix. Times
+    are medians of several runs; all paths are checked to give identical scores.
     """
     import statistics
     import time
 
     import torch
 
-    from attention.bitformer import pack_bits, packed_scores
+    from attention.bitformer import bit_kernels, bit_scores, pack_bits, packed_scores
 
     target_s, repeats = (0.002, 3) if args.quick else (0.02, 7)
 
@@ -115,34 +117,44 @@ def bench_bitformer(args: argparse.Namespace) -> None:
     size, bits, head_dim = (64 if args.quick else 224), 16, 32
     gen = torch.Generator().manual_seed(0)
     print(f"\nBitformer scores, pvtv2_b0 stage shapes at {size} px, T = {bits}, batch 1, "
-          f"{torch.get_num_threads()} thread(s); times in µs, memory in KiB (operands + scores)")
-    header = (f"{'stage':>5} {'N':>5} {'M':>5} {'H':>2} | {'packed':>8} {'float':>8} {'softmax':>8} {'pack':>8} | "
-              f"{'pk/fl':>6} {'pk/sm':>6} | {'mem pk':>7} {'mem fl':>7} {'mem sm':>7} {'pk/fl':>6} {'pk/sm':>6}")
+          f"{torch.get_num_threads()} thread(s); times in µs, memory in KiB (operands + scores); packed = "
+          + ("fused C++ kernels" if bit_kernels() is not None else "PyTorch ops (no kernels: see the log above)"))
+    columns = ["packed", "swar", "float", "softmax", "pk path", "fl path"]
+    header = (f"{'stage':>5} {'N':>5} {'M':>5} {'H':>2} | " + " ".join(f"{c:>8}" for c in columns)
+              + f" | {'pk/fl':>6} {'pk/sm':>6} {'paths':>6} | {'mem pk':>7} {'mem fl':>7} {'mem sm':>7} {'pk/fl':>6}")
     print(header + "\n" + "-" * len(header))
-    totals = [0.0] * 4
-    for stage, (heads, sr) in enumerate(zip((1, 2, 5, 8), (8, 4, 2, 1))):
-        side = size // (4 * 2 ** stage)
-        N, M = side * side, (side // sr) ** 2
-        zq = torch.randn(1, heads, N, bits, generator=gen)
-        zk = torch.randn(1, heads, M, bits, generator=gen)
-        q_codes, k_codes = torch.where(zq >= 0, 1.0, -1.0), torch.where(zk >= 0, 1.0, -1.0)
-        q_words, k_words = pack_bits(zq), pack_bits(zk)
-        q, k = torch.randn(1, heads, N, head_dim, generator=gen), torch.randn(1, heads, M, head_dim, generator=gen)
-        packed, exact = packed_scores(q_words, k_words, bits), q_codes @ k_codes.mT
-        if not torch.equal(packed.long(), exact.long()):
-            raise AssertionError(f"stage {stage}: packed and float scores differ")
-        times = [per_call_us(lambda: packed_scores(q_words, k_words, bits)),
-                 per_call_us(lambda: q_codes @ k_codes.mT),
-                 per_call_us(lambda: q @ k.mT),
-                 per_call_us(lambda: (pack_bits(zq), pack_bits(zk)))]
-        totals = [a + b for a, b in zip(totals, times)]
-        memory = [nbytes(q_words, k_words, packed), nbytes(q_codes, k_codes, exact), nbytes(q, k, exact)]
-        print(f"{stage:>5} {N:>5} {M:>5} {heads:>2} | " + " ".join(f"{t:8.1f}" for t in times)
-              + f" | {times[0] / times[1]:6.2f} {times[0] / times[2]:6.2f} | "
-              + " ".join(f"{m / 1024:7.1f}" for m in memory)
-              + f" {memory[0] / memory[1]:6.2f} {memory[0] / memory[2]:6.2f}")
+    totals = [0.0] * len(columns)
+    with torch.no_grad():
+        for stage, (heads, sr) in enumerate(zip((1, 2, 5, 8), (8, 4, 2, 1))):
+            side = size // (4 * 2 ** stage)
+            N, M = side * side, (side // sr) ** 2
+            zq = torch.randn(1, heads, N, bits, generator=gen)
+            zk = torch.randn(1, heads, M, bits, generator=gen)
+            q_codes, k_codes = torch.where(zq >= 0, 1.0, -1.0), torch.where(zk >= 0, 1.0, -1.0)
+            q_words, k_words = pack_bits(zq), pack_bits(zk)
+            q, k = torch.randn(1, heads, N, head_dim, generator=gen), torch.randn(1, heads, M, head_dim, generator=gen)
+            packed, exact = packed_scores(q_words, k_words, bits), q_codes @ k_codes.mT
+            for name, scores in [("swar", packed_scores(pack_bits(zq, kernel=False), pack_bits(zk, kernel=False),
+                                                        bits, kernel=False)),
+                                 ("pk path", bit_scores(zq, zk, "packed")), ("fl path", bit_scores(zq, zk, "float"))]:
+                if not (torch.equal(packed, scores) or torch.equal(exact, scores)):
+                    raise AssertionError(f"stage {stage}: {name} scores differ from the packed kernel's")
+            if not torch.equal(packed.float(), exact):
+                raise AssertionError(f"stage {stage}: packed and float scores differ")
+            times = [per_call_us(lambda: packed_scores(q_words, k_words, bits)),
+                     per_call_us(lambda: packed_scores(q_words, k_words, bits, kernel=False)),
+                     per_call_us(lambda: q_codes @ k_codes.mT),
+                     per_call_us(lambda: q @ k.mT),
+                     per_call_us(lambda: bit_scores(zq, zk, "packed")),
+                     per_call_us(lambda: bit_scores(zq, zk, "float"))]
+            totals = [a + b for a, b in zip(totals, times)]
+            memory = [nbytes(q_words, k_words, packed), nbytes(q_codes, k_codes, exact), nbytes(q, k, exact)]
+            print(f"{stage:>5} {N:>5} {M:>5} {heads:>2} | " + " ".join(f"{t:8.1f}" for t in times)
+                  + f" | {times[0] / times[2]:6.2f} {times[0] / times[3]:6.2f} {times[4] / times[5]:6.2f} | "
+                  + " ".join(f"{m / 1024:7.1f}" for m in memory) + f" {memory[0] / memory[1]:6.2f}")
     print(f"{'all':>5} {'':>5} {'':>5} {'':>2} | " + " ".join(f"{t:8.1f}" for t in totals)
-          + f" | {totals[0] / totals[1]:6.2f} {totals[0] / totals[2]:6.2f} |")
+          + f" | {totals[0] / totals[2]:6.2f} {totals[0] / totals[3]:6.2f} {totals[4] / totals[5]:6.2f} |")
+    print("pk/fl, pk/sm: packed scores / float, / softmax products; paths: pk path / fl path (< 1: packed faster)")
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
 """Bitformer attention (DESIGN §5): exact packed XOR/popcount scores, STE gradients, learning, model plumbing."""
+import logging
+import os
+import shutil
+
 import pytest
 import timm
 import torch
@@ -7,8 +11,8 @@ import torch.nn.functional as F
 
 import models
 from attention import create_attention
-from attention.bitformer import (BitformerAttention, bit_scores, pack_bits, packed_scores, popcount, sign_ste,
-                                 word_dtype)
+from attention.bitformer import (BitformerAttention, bit_kernels, bit_scores, pack_bits, packed_scores, popcount,
+                                 sign_ste, word_dtype)
 
 torch.set_num_threads(1)
 
@@ -35,20 +39,23 @@ def test_popcount_matches_reference():
         assert result.dtype == dtype and torch.equal(result.long(), expected)
 
 
-def test_pack_bits_layout_and_sign_of_zero():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_pack_bits_layout_and_sign_of_zero(kernel):
     codes = torch.tensor([[1.0, -1.0, 0.0, -0.0, -2.0, 3.0, -0.5]])  # sign(0) = sign(-0) = +1
-    words = pack_bits(codes)
+    words = pack_bits(codes, kernel=kernel)
     assert words.dtype == torch.int8 and words.shape == (1, 1)
     assert words.item() == 0b0101101
     assert torch.equal(sign_ste(codes), torch.tensor([[1.0, -1, 1, 1, -1, 1, -1]]))
-    assert [word_dtype(t) for t in (1, 8, 9, 16, 17, 32, 33, 64, 65)] == \
-        [torch.int8, torch.int8, torch.int16, torch.int16, torch.int32, torch.int32, torch.int64, torch.int64,
-         torch.int64]
-    assert pack_bits(torch.zeros(3, 100)).shape == (3, 2)  # 100 bits: two int64 words, padding bits zero
-    assert popcount(pack_bits(torch.zeros(3, 100))).sum(-1).tolist() == [100, 100, 100]
+    assert [word_dtype(t) for t in (1, 8, 9, 16, 17, 32, 33, 64)] == \
+        [torch.int8, torch.int8, torch.int16, torch.int16, torch.int32, torch.int32, torch.int64, torch.int64]
+    with pytest.raises(ValueError, match="1..64"):
+        word_dtype(65)
+    full = pack_bits(torch.zeros(3, 64), kernel=kernel)  # all 64 bits set: -1 as int64, popcount 64
+    assert full.dtype == torch.int64 and full.view(-1).tolist() == [-1, -1, -1]
+    assert popcount(full).view(-1).tolist() == [64, 64, 64]
 
 
-@pytest.mark.parametrize("bits", [1, 7, 16, 33, 64, 100])
+@pytest.mark.parametrize("bits", [1, 7, 8, 9, 16, 33, 63, 64])
 @pytest.mark.parametrize("shape", [(11, 7), (3, 5, 13), (2, 3, 1, 9)])
 def test_packed_scores_bit_identical_to_float(bits, shape):
     gen = torch.Generator().manual_seed(bits)
@@ -60,11 +67,46 @@ def test_packed_scores_bit_identical_to_float(bits, shape):
     reference = torch.where(zq >= 0, 1, -1).double() @ torch.where(zk >= 0, 1, -1).double().transpose(-1, -2)
     float_s = bit_scores(zq, zk, "float")
     packed_s = bit_scores(zq, zk, "packed")
-    assert float_s.dtype == torch.float32 and not packed_s.dtype.is_floating_point
+    assert float_s.dtype == torch.float32 and packed_s.dtype == word_dtype(bits)
     assert packed_s.shape == float_s.shape == (*batch, n, m)
     assert torch.equal(float_s.long(), reference.long())
     assert torch.equal(packed_s.long(), reference.long())
-    assert torch.equal(packed_scores(pack_bits(zq), pack_bits(zk), bits).long(), reference.long())
+    for kernel in (True, False):  # the fused CPU kernels and the PyTorch ops, each on its own
+        words = pack_bits(zq, kernel=kernel), pack_bits(zk, kernel=kernel)
+        assert torch.equal(packed_scores(*words, bits, kernel=kernel), packed_s)
+
+
+# the fused CPU kernels (csrc/xor_popcount.cpp) --------------------------------------------------------------------
+def test_kernels_build_where_a_compiler_exists():
+    if not (shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja")):
+        pytest.skip("no C++ compiler or ninja on this machine: the packed path runs on PyTorch ops")
+    ops = bit_kernels()
+    assert ops is not None, "the XOR/popcount kernels failed to build (see the warning in the log)"
+    with pytest.raises(RuntimeError, match="int8/16/32/64"):
+        ops.xor_popcount_scores(torch.zeros(1, 2), torch.zeros(1, 3), 8)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.xor_popcount_scores(torch.zeros(1, 2, dtype=torch.int8), torch.zeros(1, 3, dtype=torch.int8), 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_kernel_packing_matches_pytorch_ops(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for bits in (1, 5, 8, 13, 16, 31, 32, 47, 64):
+        z = torch.randn(4, 37, 3, bits, generator=gen).to(dtype).transpose(1, 2)  # non-contiguous, as in forward
+        z[0, 0, 0] = 0.0
+        assert torch.equal(pack_bits(z, kernel=True), pack_bits(z, kernel=False))
+
+
+def test_failed_kernel_build_falls_back_with_a_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING):
+        assert bit_kernels.__wrapped__() is None
+    assert "pip install ninja" in caplog.text and "Ninja is required" in caplog.text
 
 
 def test_unknown_score_path_in_function():
