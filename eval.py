@@ -16,6 +16,7 @@ from typing import Any, Dict, Tuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from attention.bitformer import bit_kernels
 from engine import checkpoint as ckpt_io
 from engine.build import build_model
 from engine.config import ConfigError, validate_data_config
@@ -92,6 +93,8 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     dataset = build_dataset(data_cfg, False, build_transform(data_cfg, train=False))
     loader = build_loader(data_cfg, dataset, False, 0, 1, 0)
     model.to(device)
+    if device.type == "cpu" and any(getattr(m, "score_path", None) == "packed" for m in model.modules()):
+        bit_kernels()  # build (first use) or load Bitformer's packed-path kernels before the clock starts
     start = time.perf_counter()
     metrics = evaluate(model, loader, device, amp_dtype(cfg.amp, device))
     result = dict(metrics, params=sum(p.numel() for p in model.parameters()), **info, ckpt=str(cfg.ckpt),

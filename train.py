@@ -251,10 +251,13 @@ def main(cfg: DictConfig) -> Optional[float]:
                                     momentum=float(cfg.optim.momentum), layer_decay=cfg.optim.layer_decay,
                                     **({"eps": float(cfg.optim.eps), "betas": tuple(cfg.optim.betas)}
                                        if "adam" in cfg.optim.name else {}))
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched.name, num_epochs=int(cfg.epochs),
+    # warmup_prefix: the decay starts at its peak after the warm-up and spans the remaining epochs (one-cycle like)
+    prefix = int(cfg.sched.warmup_epochs) if cfg.sched.warmup_prefix else 0
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched.name, num_epochs=int(cfg.epochs) - prefix,
                                        warmup_epochs=int(cfg.sched.warmup_epochs), warmup_lr=float(cfg.sched.warmup_lr),
-                                       min_lr=float(cfg.sched.min_lr), cooldown_epochs=int(cfg.sched.cooldown_epochs),
-                                       step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+                                       warmup_prefix=bool(cfg.sched.warmup_prefix), min_lr=float(cfg.sched.min_lr),
+                                       cooldown_epochs=int(cfg.sched.cooldown_epochs), step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     # buffers (EcoFormer hashes) are copied, not averaged: the EMA model always uses the current hashes
     ema = (ModelEmaV3(model, decay=float(cfg.ema.decay), use_warmup=bool(cfg.ema.warmup), exclude_buffers=True)

@@ -40,6 +40,7 @@ from .base import AttentionBase, OpCount
 SCORE_PATHS = ("float", "packed")
 MAX_BITS = 64
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "xor_popcount.cpp"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what pack_sign_bits reads
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ def sign_ste(z: torch.Tensor) -> torch.Tensor:
 def word_dtype(bits: int) -> torch.dtype:
     """The narrowest signed integer dtype holding ``bits`` (1..64) bits: int8, int16, int32 or int64."""
     for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
-        if bits <= dtype.itemsize * 8:
+        if 1 <= bits <= dtype.itemsize * 8:
             return dtype
-    raise ValueError(f"codes of {bits} bits do not fit one word; bits must be in 1..{MAX_BITS}")
+    raise ValueError(f"codes of {bits} bits: bits must be in 1..{MAX_BITS} (one integer word per code)")
 
 
 def _signed(value: int, width: int) -> int:
@@ -86,10 +87,10 @@ def pack_bits(codes: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     code, which XOR/popcount scores do not see).
     """
     bits = codes.shape[-1]
-    ops = bit_kernels() if kernel and codes.device.type == "cpu" and codes.is_floating_point() else None
-    if ops is not None:
-        return ops.pack_sign_bits(codes.reshape(-1, bits)).view(*codes.shape[:-1], 1)
     dtype = word_dtype(bits)
+    ops = bit_kernels() if kernel and codes.device.type == "cpu" and codes.dtype in KERNEL_DTYPES else None
+    if ops is not None and codes.numel() > 0:
+        return ops.pack_sign_bits(codes.reshape(-1, bits)).view(*codes.shape[:-1], 1)
     width = dtype.itemsize * 8
     ones = codes >= 0
     if width != bits:
@@ -123,13 +124,18 @@ def popcount(words: torch.Tensor) -> torch.Tensor:
     return count
 
 
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:10]
+
+
 def _native_flags() -> Tuple[List[str], str]:
     """(compiler flags, build-name tag): ``-march=native`` on x86-64 Linux, tagged with a hash of the CPU's feature
     flags so that a cache shared by different machines never runs code built for another CPU."""
     if platform.system() == "Linux" and platform.machine() == "x86_64":
         try:
-            cpu_flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-            return ["-O3", "-march=native"], "native_" + hashlib.sha1(cpu_flags.encode()).hexdigest()[:10]
+            with open("/proc/cpuinfo") as cpuinfo:
+                cpu_flags = next(line for line in cpuinfo if line.startswith("flags"))
+            return ["-O3", "-march=native"], "native_" + _short_hash(cpu_flags.encode())
         except (OSError, StopIteration):
             pass
     return ["-O3"], platform.machine().lower() or "generic"
@@ -139,25 +145,28 @@ def _native_flags() -> Tuple[List[str], str]:
 def bit_kernels() -> Optional[Any]:
     """The fused CPU kernels of the packed path, ``torch.ops.ecopvt``, or None where they cannot be built.
 
-    * ``pack_sign_bits(z (R, T)) -> (R, 1)`` words (same result as :func:`pack_bits`' PyTorch ops);
+    * ``pack_sign_bits(z (R, T)) -> (R, 1)`` words, bit t set where z_t >= 0 (as :func:`pack_bits`);
     * ``xor_popcount_scores(q (G, N), k (G, M), T) -> (G, N, M)``, s = T - 2·popcount(q XOR k).
 
     Compiled from ``csrc/xor_popcount.cpp`` on first use (about 30 s, needs a C++ compiler and ninja) into
-    torch's extension cache (``TORCH_EXTENSIONS_DIR``), loaded from there afterwards. Where the build fails it
-    warns once and the packed path uses PyTorch ops (same scores, slower).
+    torch's extension cache (``TORCH_EXTENSIONS_DIR``); later processes reuse the built library (torch still checks
+    that ninja and the compiler are there). Where the build fails it warns once, naming the cause, and the packed
+    path uses PyTorch ops (same scores, slower).
     """
-    from torch.utils.cpp_extension import load
-
-    flags, tag = _native_flags()
-    source_hash = hashlib.sha1(KERNEL_SOURCE.read_bytes()).hexdigest()[:8]
     try:
+        from torch.utils.cpp_extension import load
+
+        flags, tag = _native_flags()
+        name = f"ecopvt_xor_popcount_{tag}_{_short_hash(KERNEL_SOURCE.read_bytes())[:8]}"
         log.info("loading the XOR/popcount kernels (built on first use, ~30 s, then cached)")
-        load(name=f"ecopvt_xor_popcount_{tag}_{source_hash}", sources=[str(KERNEL_SOURCE)], extra_cflags=flags,
-             is_python_module=False)
-    except Exception as err:  # no compiler / ninja / headers: fall back, say why and how to fix it
+        load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=flags, is_python_module=False)
+    except Exception as err:  # no compiler / ninja / headers / writable cache: fall back, say why and the fix
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+        fix = ("make torch's extension folder writable or point TORCH_EXTENSIONS_DIR at one that is"
+               if isinstance(err, PermissionError) else "install a C++ compiler and `pip install ninja`")
         log.warning("packed Bitformer scores use slower PyTorch ops: the XOR/popcount kernels could not be built "
-                    "(%s: %s). Install a C++ compiler and `pip install ninja` to enable them.",
-                    type(err).__name__, str(err).strip().splitlines()[-1] if str(err).strip() else "")
+                    "(%s: %s); to enable them, %s.", type(err).__name__, reason, fix)
         return None
     return torch.ops.ecopvt
 
@@ -173,8 +182,9 @@ def packed_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int, kerne
     *lead, n, _ = q_words.shape
     m = k_words.shape[-2]
     ops = bit_kernels() if kernel and q_words.device.type == "cpu" else None
-    if ops is not None and q_words.shape[:-2] == k_words.shape[:-2]:
-        return ops.xor_popcount_scores(q_words.reshape(-1, n), k_words.reshape(-1, m), bits).view(*lead, n, m)
+    if ops is not None and q_words.shape[:-2] == k_words.shape[:-2] and n * m > 0:
+        groups = math.prod(lead)
+        return ops.xor_popcount_scores(q_words.reshape(groups, n), k_words.reshape(groups, m), bits).view(*lead, n, m)
     diff = popcount(q_words ^ k_words.transpose(-1, -2))
     return diff.mul_(-2).add_(bits)
 

@@ -61,6 +61,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_model_config(cfg, errors)
     validate_data_config(cfg.data, errors)
     _check(errors, int(cfg.epochs) >= 1, f"epochs={cfg.epochs}: must be >= 1")
+    _check(errors, not cfg.sched.warmup_prefix or int(cfg.epochs) > int(cfg.sched.warmup_epochs),
+           f"sched.warmup_prefix=true with epochs={cfg.epochs} <= sched.warmup_epochs={cfg.sched.warmup_epochs}: "
+           "nothing left to decay; raise epochs or lower sched.warmup_epochs")
     _check(errors, float(cfg.optim.lr) > 0, f"optim.lr={cfg.optim.lr}: the learning rate must be > 0")
     _check(errors, float(cfg.optim.weight_decay) >= 0, f"optim.weight_decay={cfg.optim.weight_decay}: must be >= 0")
     _check(errors, int(cfg.grad_accum) >= 1, f"grad_accum={cfg.grad_accum}: must be >= 1")

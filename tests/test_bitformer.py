@@ -63,7 +63,7 @@ def test_packed_scores_bit_identical_to_float(bits, shape):
     zq = torch.randn(*batch, n, bits, generator=gen)
     zk = torch.randn(*batch, m, bits, generator=gen)
     zq[..., 0, :] = 0.0  # exact zeros must map to +1 in both paths
-    zk[..., -1, : bits // 2] = -0.0
+    zk[..., -1, : max(1, bits // 2)] = -0.0
     reference = torch.where(zq >= 0, 1, -1).double() @ torch.where(zk >= 0, 1, -1).double().transpose(-1, -2)
     float_s = bit_scores(zq, zk, "float")
     packed_s = bit_scores(zq, zk, "packed")
@@ -88,13 +88,40 @@ def test_kernels_build_where_a_compiler_exists():
         ops.xor_popcount_scores(torch.zeros(1, 2, dtype=torch.int8), torch.zeros(1, 3, dtype=torch.int8), 9)
 
 
+@pytest.fixture
+def kernels():
+    ops = bit_kernels()
+    if ops is None:
+        pytest.skip("the XOR/popcount kernels are not built here: the packed path runs on PyTorch ops")
+    return ops
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_kernel_packing_matches_pytorch_ops(dtype):
+def test_kernel_packing_matches_pytorch_ops(kernels, dtype):
     gen = torch.Generator().manual_seed(0)
     for bits in (1, 5, 8, 13, 16, 31, 32, 47, 64):
         z = torch.randn(4, 37, 3, bits, generator=gen).to(dtype).transpose(1, 2)  # non-contiguous, as in forward
-        z[0, 0, 0] = 0.0
+        z[0, 0, 0], z[0, 0, 1], z[0, 1, 0] = 0.0, -0.0, float("nan")  # sign(±0) = +1, NaN -> -1 on every path
+        z[1, 0, 0], z[1, 0, 1] = float("inf"), -float("inf")
         assert torch.equal(pack_bits(z, kernel=True), pack_bits(z, kernel=False))
+        assert torch.equal(bit_scores(z, z[:, :, :5], "packed").float(), bit_scores(z, z[:, :, :5], "float").float())
+
+
+def test_kernel_scores_threads_empty_and_broadcast_shapes(kernels):
+    gen = torch.Generator().manual_seed(1)
+    q, k = pack_bits(torch.randn(2, 5, 301, 16, generator=gen)), pack_bits(torch.randn(2, 5, 49, 16, generator=gen))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # rows split over several ATen threads
+        assert torch.equal(packed_scores(q, k, 16), packed_scores(q, k, 16, kernel=False))
+    finally:
+        torch.set_num_threads(threads)
+    for n, m in ((0, 7), (7, 0)):  # no queries or no keys: empty scores, as the PyTorch ops give
+        qe, ke = pack_bits(torch.randn(3, n, 9)), pack_bits(torch.randn(3, m, 9))
+        assert packed_scores(qe, ke, 9).shape == (3, n, m)
+    assert pack_bits(torch.randn(0, 12)).shape == (0, 1)
+    # leading shapes that only broadcast (one key set for two images) take the PyTorch path
+    assert torch.equal(packed_scores(q, k[:1], 16), packed_scores(q, k[:1].expand(2, -1, -1, -1), 16))
 
 
 def test_failed_kernel_build_falls_back_with_a_warning(monkeypatch, caplog):

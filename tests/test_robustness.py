@@ -147,11 +147,13 @@ def test_a_checkpoint_of_another_architecture_names_the_mismatching_keys(tmp_pat
 # start-up errors -------------------------------------------------------------------------------------------------
 def test_invalid_values_fail_at_start_up_naming_each_key(tmp_path):
     code, out, err = run("train.py", *FAST, "data.batch_size=0", "data.img_size=16", "optim.lr=-0.1",
-                         "hash.every_epochs=0", "attn.stages=[7]", f"hydra.run.dir={tmp_path}/run")
+                         "hash.every_epochs=0", "attn.stages=[7]", "sched.warmup_prefix=true", "sched.warmup_epochs=1",
+                         f"hydra.run.dir={tmp_path}/run")
     text = out + err
     assert code == 2
     for message in ("data.batch_size=0: must be >= 1", "data.img_size=16: PVTv2 needs at least 32 px",
-                    "optim.lr=-0.1: the learning rate must be > 0", "hash.every_epochs=0: tau must be >= 1"):
+                    "optim.lr=-0.1: the learning rate must be > 0", "hash.every_epochs=0: tau must be >= 1",
+                    "sched.warmup_prefix=true with epochs=1 <= sched.warmup_epochs=1: nothing left to decay"):
         assert message in text
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
     code, out, err = run("train.py", *FAST, "attn=bitformer", "attn.stages=[7]", "attn.score_path=packed",

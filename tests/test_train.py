@@ -64,6 +64,19 @@ def test_real_cifar_run_writes_run_folder_and_eval_reproduces_best(cifar_subset,
     assert {"top5", "loss", "params"} <= result.keys()
 
 
+def test_warmup_prefix_decays_from_the_peak_after_the_warm_up(tmp_path):
+    """sched.warmup_prefix=true: peak lr right after the warm-up, min_lr at the end; false: timm's default, where
+    the cosine runs from epoch 0 and the warm-up overrides its start (0.75 x peak after 1 of 3 epochs)."""
+    for prefix, after_warmup in (("true", 1e-3), ("false", 1e-6 + 0.75 * (1e-3 - 1e-6))):
+        run_dir = str(tmp_path / prefix)
+        code, _, err = run("train.py", "experiment=smoke", "sched=cosine", "sched.warmup_epochs=1", "epochs=3",
+                           f"sched.warmup_prefix={prefix}", "sched.min_lr=1e-6", "optim.lr=1e-3",
+                           "data.train_size=32", "data.val_size=16", f"hydra.run.dir={run_dir}")
+        assert code == 0, err[-3000:]
+        lrs = [r["lr"] for r in metrics(run_dir)]  # after each epoch's last update
+        assert lrs[0] == pytest.approx(after_warmup, rel=1e-6) and lrs[-1] == pytest.approx(1e-6, rel=1e-6)
+
+
 def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     """SIGKILL during epoch 1 (or later) of a 3-epoch run, resume=auto: same weights as an uninterrupted run."""
     common = ["experiment=smoke", "sched=cosine", "sched.warmup_epochs=1", "epochs=3", "data.train_size=160",
