@@ -50,13 +50,13 @@ def test_each_attention_learns_well_above_chance(attn, five_classes, tmp_path):
 
 @pytest.mark.slow
 def test_cifar100_cpu_protocol_softmax(tmp_path):
-    """The full CIFAR-100 at 32 px, experiment=cifar100_cpu (8 epochs, ~8 minutes on 2 cores). Our measured run:
-    39.93% top-1; this guards against regressions. (The issue's bar, 42.8% for timm's pvt_v2_b0 in a plain loop,
-    is not reached yet: see the README.)"""
+    """The full CIFAR-100 at 32 px, experiment=cifar100_cpu (8 epochs, ~10 minutes on 2 cores). The README's run
+    reached 42.91% (the issue's bar: 42.8%; the bar loop, scripts/cifar100_bar.py, 41.88% on the same machine).
+    This export lists images in another order than the README's (another shuffle), hence the margin."""
     export_cifar(tmp_path / "data", "pickle", 500)
     run_dir = str(tmp_path / "run")
     code, _, err = run("train.py", "experiment=cifar100_cpu", f"data.root={tmp_path}/data", f"hydra.run.dir={run_dir}",
                        timeout=3600)
     assert code == 0, err[-3000:]
     records = metrics(run_dir)
-    assert len(records) == 8 and records[-1]["val_top1"] >= 38.0
+    assert len(records) == 8 and records[-1]["val_top1"] >= 42.0, records[-1]
