@@ -141,6 +141,17 @@ def _native_flags() -> Tuple[List[str], str]:
     return ["-O3"], platform.machine().lower() or "generic"
 
 
+def _register_fakes() -> None:
+    """Shape/dtype rules of the kernels for torch.compile and export (fake tensors never run the C++ code)."""
+    @torch.library.register_fake("ecopvt::pack_sign_bits")
+    def _pack_sign_bits(codes: torch.Tensor) -> torch.Tensor:
+        return codes.new_empty(codes.shape[0], 1, dtype=word_dtype(codes.shape[1]))
+
+    @torch.library.register_fake("ecopvt::xor_popcount_scores")
+    def _xor_popcount_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int) -> torch.Tensor:
+        return q_words.new_empty(q_words.shape[0], q_words.shape[1], k_words.shape[1])
+
+
 @functools.lru_cache(maxsize=None)
 def bit_kernels() -> Optional[Any]:
     """The fused CPU kernels of the packed path, ``torch.ops.ecopvt``, or None where they cannot be built.
@@ -160,6 +171,7 @@ def bit_kernels() -> Optional[Any]:
         name = f"ecopvt_xor_popcount_{tag}_{_short_hash(KERNEL_SOURCE.read_bytes())[:8]}"
         log.info("loading the XOR/popcount kernels (built on first use, ~30 s, then cached)")
         load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=flags, is_python_module=False)
+        _register_fakes()
     except Exception as err:  # no compiler / ninja / headers / writable cache: fall back, say why and the fix
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")

@@ -124,6 +124,13 @@ def test_kernel_scores_threads_empty_and_broadcast_shapes(kernels):
     assert torch.equal(packed_scores(q, k[:1], 16), packed_scores(q, k[:1].expand(2, -1, -1, -1), 16))
 
 
+def test_kernels_pass_torch_opcheck(kernels):
+    """Schema, fake-tensor shapes (torch.compile / export) and dispatch of both custom ops."""
+    q, k = pack_bits(torch.randn(2, 5, 16)).view(2, 5), pack_bits(torch.randn(2, 3, 16)).view(2, 3)
+    torch.library.opcheck(kernels.xor_popcount_scores.default, (q, k, 16))
+    torch.library.opcheck(kernels.pack_sign_bits.default, (torch.randn(7, 13),))
+
+
 def test_failed_kernel_build_falls_back_with_a_warning(monkeypatch, caplog):
     import torch.utils.cpp_extension
 
