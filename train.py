@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
-from engine.build import build_model
+from engine.build import build_model, optimizer_kwargs
 from engine.config import ConfigError, check_writable, validate_train_config
 from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform,
                          num_classes_of)
@@ -247,10 +247,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     lr = float(cfg.optim.lr)
     if cfg.optim.lr_base_batch:
         lr *= int(cfg.data.batch_size) * world_size * int(cfg.grad_accum) / float(cfg.optim.lr_base_batch)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=float(cfg.optim.weight_decay),
-                                    momentum=float(cfg.optim.momentum), layer_decay=cfg.optim.layer_decay,
-                                    **({"eps": float(cfg.optim.eps), "betas": tuple(cfg.optim.betas)}
-                                       if "adam" in cfg.optim.name else {}))
+    optimizer = create_optimizer_v2(model, lr=lr, **optimizer_kwargs(cfg.optim))
     # warmup_prefix: the decay starts at its peak after the warm-up and spans the remaining epochs (one-cycle like)
     prefix = int(cfg.sched.warmup_epochs) if cfg.sched.warmup_prefix else 0
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched.name, num_epochs=int(cfg.epochs) - prefix,

@@ -9,9 +9,10 @@ import tempfile
 from typing import List
 
 import timm
+import timm.optim
 from omegaconf import DictConfig
 
-from engine.build import build_model
+from engine.build import build_model, has_fused_step
 from engine.data import DATASETS
 from models.pvtv2 import MIN_INPUT_SIZE
 
@@ -64,6 +65,12 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check(errors, not cfg.sched.warmup_prefix or int(cfg.epochs) > int(cfg.sched.warmup_epochs),
            f"sched.warmup_prefix=true with epochs={cfg.epochs} <= sched.warmup_epochs={cfg.sched.warmup_epochs}: "
            "nothing left to decay; raise epochs or lower sched.warmup_epochs")
+    optimizers = timm.optim.list_optimizers()
+    _check(errors, cfg.optim.name in optimizers,
+           f"optim.name={cfg.optim.name}: unknown optimizer; valid (timm's registry): {', '.join(optimizers)}")
+    if cfg.optim.name in optimizers and cfg.optim.fused and not has_fused_step(cfg.optim.name):
+        errors.append(f"optim.fused=true: {cfg.optim.name} has no fused step (torch's adam, adamw, sgd, momentum "
+                      "have one); set optim.fused=null (use it where available) or false")
     _check(errors, float(cfg.optim.lr) > 0, f"optim.lr={cfg.optim.lr}: the learning rate must be > 0")
     _check(errors, float(cfg.optim.weight_decay) >= 0, f"optim.weight_decay={cfg.optim.weight_decay}: must be >= 0")
     _check(errors, int(cfg.grad_accum) >= 1, f"grad_accum={cfg.grad_accum}: must be >= 1")

@@ -170,6 +170,20 @@ def test_unknown_names_list_the_valid_ones(group, bad, valid):
     assert bad in str(info.value) and valid in str(info.value)
 
 
+def test_optimizer_names_and_fused_steps_are_checked_at_start_up():
+    from engine.config import ConfigError, validate_train_config
+
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        unknown = compose("train", ["optim.name=adamz"])
+        unfused = compose("train", ["optim.name=lamb", "optim.fused=true"])
+        lamb = compose("train", ["optim.name=lamb"])
+    with pytest.raises(ConfigError, match="optim.name=adamz: unknown optimizer; valid .*adamw.*lamb"):
+        validate_train_config(unknown)
+    with pytest.raises(ConfigError, match="optim.fused=true: lamb has no fused step.*optim.fused=null"):
+        validate_train_config(unfused)
+    validate_train_config(lamb)  # fused=null: lamb simply runs without it
+
+
 def test_unknown_names_in_python_list_the_valid_ones():
     import timm
 

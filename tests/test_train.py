@@ -20,6 +20,34 @@ ATTNS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "attn"))
 DATA = ["cifar100", "imagenet", "folder", "fake"]
 
 
+def test_fused_optimizer_step_is_the_default_and_matches_the_loop():
+    """optim.fused=null takes torch's fused AdamW/SGD step; a few updates agree with the multi-tensor loop."""
+    from timm.optim import create_optimizer_v2
+
+    from engine.build import optimizer_kwargs
+
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        adamw, sgd, lamb, loop = (compose("train", overrides).optim for overrides in (
+            [], ["optim=sgd"], ["optim.name=lamb"], ["optim.fused=false"]))
+    assert optimizer_kwargs(adamw)["fused"] and optimizer_kwargs(sgd)["fused"]
+    assert "fused" not in optimizer_kwargs(lamb) and "fused" not in optimizer_kwargs(loop)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    weights = []
+    for optim_cfg in (adamw, loop):
+        torch.manual_seed(0)
+        net = build_model({"name": "pvtv2_b0"}, {"name": "softmax"}, num_classes=10)
+        initial = torch.cat([p.detach().flatten() for p in net.parameters()])
+        optimizer = create_optimizer_v2(net, lr=1e-3, **optimizer_kwargs(optim_cfg))
+        assert optimizer.defaults.get("fused") == optimizer_kwargs(optim_cfg).get("fused")
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(images), labels).backward()
+            optimizer.step()
+        weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+        assert (weights[-1] - initial).abs().max() > 1e-3  # the updates moved the weights
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="session")
 def cifar_subset(tmp_path_factory):
     """The real CIFAR-100, first 10 images per class of each split, in the official pickle layout."""
