@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
-from engine.build import build_model, optimizer_kwargs
+from engine.build import build_model, load_optimizer_state, optimizer_args
 from engine.config import ConfigError, check_writable, validate_train_config
 from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform,
                          num_classes_of)
@@ -247,7 +247,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     lr = float(cfg.optim.lr)
     if cfg.optim.lr_base_batch:
         lr *= int(cfg.data.batch_size) * world_size * int(cfg.grad_accum) / float(cfg.optim.lr_base_batch)
-    optimizer = create_optimizer_v2(model, lr=lr, **optimizer_kwargs(cfg.optim))
+    optimizer = create_optimizer_v2(model, lr=lr, **optimizer_args(cfg.optim))
     # warmup_prefix: the decay starts at its peak after the warm-up and spans the remaining epochs (one-cycle like)
     prefix = int(cfg.sched.warmup_epochs) if cfg.sched.warmup_prefix else 0
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched.name, num_epochs=int(cfg.epochs) - prefix,
@@ -265,7 +265,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     if resume_path:
         state = ckpt_io.load(resume_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):

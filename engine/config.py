@@ -12,7 +12,7 @@ import timm
 import timm.optim
 from omegaconf import DictConfig
 
-from engine.build import build_model, has_fused_step
+from engine.build import build_model, has_fused_step, registry_name
 from engine.data import DATASETS
 from models.pvtv2 import MIN_INPUT_SIZE
 
@@ -66,11 +66,12 @@ def validate_train_config(cfg: DictConfig) -> None:
            f"sched.warmup_prefix=true with epochs={cfg.epochs} <= sched.warmup_epochs={cfg.sched.warmup_epochs}: "
            "nothing left to decay; raise epochs or lower sched.warmup_epochs")
     optimizers = timm.optim.list_optimizers()
-    _check(errors, cfg.optim.name in optimizers,
-           f"optim.name={cfg.optim.name}: unknown optimizer; valid (timm's registry): {', '.join(optimizers)}")
-    if cfg.optim.name in optimizers and cfg.optim.fused and not has_fused_step(cfg.optim.name):
-        errors.append(f"optim.fused=true: {cfg.optim.name} has no fused step (torch's adam, adamw, sgd, momentum "
-                      "have one); set optim.fused=null (use it where available) or false")
+    known = registry_name(cfg.optim.name) in optimizers
+    _check(errors, known, f"optim.name={cfg.optim.name}: unknown optimizer; valid (timm's registry, optionally "
+                          f"prefixed lookahead_): {', '.join(optimizers)}")
+    if known and cfg.optim.fused and not has_fused_step(cfg.optim.name):
+        errors.append(f"optim.fused=true: {cfg.optim.name} has no fused step (torch's adam, adamw, sgd, momentum, "
+                      "nesterov, adagrad have one); set optim.fused=null (use it where available) or false")
     _check(errors, float(cfg.optim.lr) > 0, f"optim.lr={cfg.optim.lr}: the learning rate must be > 0")
     _check(errors, float(cfg.optim.weight_decay) >= 0, f"optim.weight_decay={cfg.optim.weight_decay}: must be >= 0")
     _check(errors, int(cfg.grad_accum) >= 1, f"grad_accum={cfg.grad_accum}: must be >= 1")

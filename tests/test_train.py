@@ -20,25 +20,29 @@ ATTNS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "attn"))
 DATA = ["cifar100", "imagenet", "folder", "fake"]
 
 
-def test_fused_optimizer_step_is_the_default_and_matches_the_loop():
-    """optim.fused=null takes torch's fused AdamW/SGD step; a few updates agree with the multi-tensor loop."""
+def _optim_cfgs(*override_lists):
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        return [compose("train", overrides).optim for overrides in override_lists]
+
+
+@pytest.mark.parametrize("optim, lr", [("adamw", 1e-3), ("sgd", 1e-2)])
+def test_fused_optimizer_step_is_the_default_and_matches_the_loop(optim, lr):
+    """optim.fused=null takes torch's fused AdamW / SGD (nesterov) step; a few updates agree with the loop."""
     from timm.optim import create_optimizer_v2
 
-    from engine.build import optimizer_kwargs
+    from engine.build import optimizer_args
 
-    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
-        adamw, sgd, lamb, loop = (compose("train", overrides).optim for overrides in (
-            [], ["optim=sgd"], ["optim.name=lamb"], ["optim.fused=false"]))
-    assert optimizer_kwargs(adamw)["fused"] and optimizer_kwargs(sgd)["fused"]
-    assert "fused" not in optimizer_kwargs(lamb) and "fused" not in optimizer_kwargs(loop)
+    fused, loop, lamb = _optim_cfgs([f"optim={optim}"], [f"optim={optim}", "optim.fused=false"], ["optim.name=lamb"])
+    assert optimizer_args(fused)["fused"] and "fused" not in optimizer_args(loop)
+    assert "fused" not in optimizer_args(lamb)  # no fused step: timm's Lamb is built as usual
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     weights = []
-    for optim_cfg in (adamw, loop):
+    for optim_cfg in (fused, loop):
         torch.manual_seed(0)
         net = build_model({"name": "pvtv2_b0"}, {"name": "softmax"}, num_classes=10)
         initial = torch.cat([p.detach().flatten() for p in net.parameters()])
-        optimizer = create_optimizer_v2(net, lr=1e-3, **optimizer_kwargs(optim_cfg))
-        assert optimizer.defaults.get("fused") == optimizer_kwargs(optim_cfg).get("fused")
+        optimizer = create_optimizer_v2(net, lr=lr, **optimizer_args(optim_cfg))
+        assert optimizer.defaults.get("fused") == optimizer_args(optim_cfg).get("fused")
         for _ in range(3):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(net(images), labels).backward()
@@ -46,6 +50,34 @@ def test_fused_optimizer_step_is_the_default_and_matches_the_loop():
         weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
         assert (weights[-1] - initial).abs().max() > 1e-3  # the updates moved the weights
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, None), (None, False)])
+def test_resume_keeps_the_configured_fused_choice_and_the_fp16_scaler_works(saved_fused, resumed_fused):
+    """A checkpoint written with the other fused / loop choice must not switch it back on load (torch restores
+    param-group options), which would also break GradScaler's fp16 step."""
+    from timm.optim import create_optimizer_v2
+
+    from engine.build import load_optimizer_state, optimizer_args
+
+    saved_cfg, resumed_cfg = _optim_cfgs([f"optim.fused={str(saved_fused).lower()}"],
+                                         [f"optim.fused={str(resumed_fused).lower()}"])
+    net = torch.nn.Linear(4, 3)
+    first = create_optimizer_v2(net, lr=1e-3, **optimizer_args(saved_cfg))
+    net(torch.randn(2, 4)).sum().backward()
+    first.step()
+    resumed = create_optimizer_v2(net, lr=1e-3, **optimizer_args(resumed_cfg))
+    load_optimizer_state(resumed, first.state_dict())
+    expected = optimizer_args(resumed_cfg).get("fused")
+    assert all(group["fused"] == expected for group in resumed.param_groups)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # the default 2^16 overflows fp16 at once
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = net(torch.randn(2, 4)).float().sum()
+    scaler.scale(loss).backward()
+    before = net.weight.detach().clone()
+    scaler.step(resumed)
+    scaler.update()
+    assert not torch.equal(before, net.weight)
 
 
 @pytest.fixture(scope="session")
