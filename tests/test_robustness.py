@@ -170,6 +170,16 @@ def test_unknown_names_list_the_valid_ones(group, bad, valid):
     assert bad in str(info.value) and valid in str(info.value)
 
 
+@pytest.mark.parametrize("attn, bits", [("ecoformer", 65), ("bitformer", 0)])
+def test_code_lengths_outside_1_to_64_fail_the_config_check(attn, bits):
+    from engine.config import ConfigError, validate_train_config
+
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = compose("train", [f"attn={attn}", f"attn.bits={bits}", "data=fake"])
+    with pytest.raises(ConfigError, match=f"attn={attn}: .*bits.*{bits}"):
+        validate_train_config(cfg)
+
+
 def test_optimizer_names_and_fused_steps_are_checked_at_start_up():
     from engine.config import ConfigError, validate_train_config
 
