@@ -70,8 +70,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check(errors, known, f"optim.name={cfg.optim.name}: unknown optimizer; valid (timm's registry, optionally "
                           f"prefixed lookahead_): {', '.join(optimizers)}")
     if known and cfg.optim.fused and not has_fused_step(cfg.optim.name):
-        errors.append(f"optim.fused=true: {cfg.optim.name} has no fused step (torch's adam, adamw, sgd, momentum, "
-                      "nesterov, adagrad have one); set optim.fused=null (use it where available) or false")
+        fused = ", ".join(name for name in optimizers if has_fused_step(name))
+        errors.append(f"optim.fused=true: {cfg.optim.name} has no fused step ({fused} have one); set "
+                      "optim.fused=null (use it where available) or false")
     _check(errors, float(cfg.optim.lr) > 0, f"optim.lr={cfg.optim.lr}: the learning rate must be > 0")
     _check(errors, float(cfg.optim.weight_decay) >= 0, f"optim.weight_decay={cfg.optim.weight_decay}: must be >= 0")
     _check(errors, int(cfg.grad_accum) >= 1, f"grad_accum={cfg.grad_accum}: must be >= 1")
