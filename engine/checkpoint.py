@@ -14,6 +14,8 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
+from models.weights import load_checkpoint as load  # noqa: F401 (weights_only loading lives below engine)
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -39,24 +41,6 @@ def save_atomic(obj: Dict[str, Any], path: PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def load(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_atomic` with ``weights_only=True`` (a pickle that would run code is
-    refused); a truncated or corrupt file raises a ``RuntimeError`` that says so."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as err:
-        raise RuntimeError(f"checkpoint {path!r} is truncated or corrupt ({err}); use another checkpoint "
-                           f"(e.g. last.ckpt / best.ckpt of the run)") from err
-    except Exception as err:
-        if "weights_only" in str(err):
-            raise RuntimeError(f"checkpoint {path!r} holds objects other than tensors and plain data and was refused "
-                               f"(loaded with weights_only=True for safety): {str(err).splitlines()[0]}") from err
-        raise
 
 
 def rng_state() -> Dict[str, Any]:

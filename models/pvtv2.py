@@ -11,7 +11,6 @@ original PVT repository's, through timm's ``checkpoint_filter_fn``) load unchang
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,7 +24,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.pvt_v2 import checkpoint_filter_fn as timm_pvt_filter
 
 from attention import AttentionBase, create_attention, get_attention_class
-from engine.checkpoint import load as load_checkpoint
 
 MIN_INPUT_SIZE = 32
 
@@ -242,33 +240,6 @@ class PVTv2(nn.Module):
 
 
 # checkpoints -------------------------------------------------------------------------------------------------
-def load_checkpoint_state(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Model weights from a file: this project's checkpoints (``model`` / ``model_ema``), a timm or original PVT
-    state dict (``.pth``/``.bin``/``.safetensors``, optionally under ``state_dict``/``model``). Always loaded with
-    ``weights_only=True``: a pickle that would run code is refused."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return model_state_of(load_checkpoint(path), use_ema, path)
-
-
-def model_state_of(obj: Any, use_ema: bool = False, path: str = "checkpoint") -> Dict[str, torch.Tensor]:
-    """The model weights inside a loaded checkpoint object (see :func:`load_checkpoint_state`)."""
-    if isinstance(obj, dict):
-        if use_ema:
-            if obj.get("model_ema") is None:
-                raise KeyError(f"checkpoint {path!r} has no EMA weights (saved without model_ema)")
-            obj = obj["model_ema"]
-        else:
-            for key in ("model", "state_dict", "model_state"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
 def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
                      ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]]]:
     """Map a PVTv2 state dict (this project's, timm's, or the original PVT repository's) onto ``model``.
