@@ -72,7 +72,8 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
                     ckpt=os.path.basename(str(cfg.ckpt)), ckpt_sha256=deploy.file_sha256(str(cfg.ckpt)),
                     opset=int(cfg.opset), versions=deploy.library_versions())
     start = time.perf_counter()
-    log.info("exporting %s (%s, %d px, dynamic=%s) to %s", info["model"], metadata["attn"], img_size, cfg.dynamic, out)
+    log.info("exporting %s (%s, %d px, dynamic=%s) to %s", info["model"], metadata["attn"], img_size, cfg.dynamic,
+             out)
     deploy.export_onnx(model, out, img_size, int(cfg.opset), cfg.dynamic, metadata=dict(metadata, quantize="none"),
                        optimize=bool(cfg.optimize))
     result = dict(file_report(out, model, img_size, int(cfg.verify.batch)), opset=int(cfg.opset), model=info["model"],
@@ -84,9 +85,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(result), flush=True)
     if result["top1_agreement"] < cfg.verify.min_agreement:
-        log.error("verification failed: onnxruntime's top-1 agrees with PyTorch on %.1f%% of %d images (min %.1f%%); "
-                  "%s is written but does not compute the model", 100 * result["top1_agreement"], result["images"],
-                  100 * cfg.verify.min_agreement, out)
+        log.error("verification failed: onnxruntime's top-1 agrees with PyTorch on %.1f%% of %d images (min "
+                  "%.1f%%); %s is written but does not compute the model", 100 * result["top1_agreement"],
+                  result["images"], 100 * cfg.verify.min_agreement, out)
         raise SystemExit(1)
     return result
 

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Edge latency of pvtv2_b0: PyTorch eager against onnxruntime (fp32 and int8 files) at batch 1, in one process.
+
+    python scripts/bench_deploy.py                                   # 224 px, 1 and 2 threads, 30 repeats
+    python scripts/bench_deploy.py --size 224 --threads 1 --repeats 50 --out bench_deploy
+
+Attentions: softmax SRA, EcoFormer (paper formula), Bitformer with packed scores (PyTorch: the C++ XOR/popcount
+kernels; ONNX: BitwiseXor + a popcount table). Random weights (latency does not depend on them), 1000 classes.
+Each model is exported by engine/deploy.py (fixed shape, as export.py writes it with dynamic=none) and quantized
+(export.py quantize=dynamic). Per thread count, one call of each (attention, runtime) pair per repeat, the order
+alternating between repeats, after two warm-up calls each; the table gives medians in ms and PyTorch / onnxruntime
+ratios (> 1: onnxruntime faster), with the model's energy per image by the EcoFormer paper's rules (DESIGN §6,
+models.count_model_ops, as scripts/energy.py prints it). The last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import models  # noqa: E402,F401 (registers pvtv2_*)
+from attention.bitformer import bit_kernels  # noqa: E402
+from engine import deploy  # noqa: E402
+from models import count_model_ops  # noqa: E402
+
+log = logging.getLogger("bench_deploy")
+SETUPS: Dict[str, tuple] = {
+    "softmax SRA": ("softmax", {}),
+    "EcoFormer": ("ecoformer", {}),
+    "Bitformer packed": ("bitformer", {"score_path": "packed"}),
+}
+RUNTIMES = ("pytorch", "ort_fp32", "ort_int8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default="pvtv2_b0")
+    parser.add_argument("--size", type=int, default=224, help="input side in px")
+    parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per (attention, runtime, threads)")
+    parser.add_argument("--attentions", default=",".join(SETUPS), help=f"comma-separated, of: {', '.join(SETUPS)}")
+    parser.add_argument("--out", default=None, help="folder for bench_deploy.md / .json (and the exported files)")
+    return parser
+
+
+def _runners(model: torch.nn.Module, fp32: str, int8: str, image: torch.Tensor, threads: int
+             ) -> Dict[str, Callable[[], Any]]:
+    sessions = {"ort_fp32": deploy.inference_session(fp32, threads),
+                "ort_int8": deploy.inference_session(int8, threads)}
+    feed = {deploy.INPUT_NAME: image.numpy()}
+
+    def eager() -> Any:
+        with torch.no_grad():
+            return model(image)
+
+    return {"pytorch": eager, **{name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}}
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """One row per (attention, threads): median ms per runtime, ratios, energy per image."""
+    labels = [label.strip() for label in args.attentions.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown attention(s) {unknown}; valid: {', '.join(SETUPS)}")
+    threads_list = [int(t) for t in str(args.threads).split(",")]
+    folder = args.out or tempfile.mkdtemp(prefix="bench_deploy_")
+    os.makedirs(folder, exist_ok=True)
+    image = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    built: Dict[str, tuple] = {}
+    for label in labels:
+        attn, options = SETUPS[label]
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, attn=attn, attn_kwargs=options, num_classes=1000).eval()
+        fp32 = os.path.join(folder, f"{args.model}_{attn}.onnx")
+        int8 = os.path.join(folder, f"{args.model}_{attn}.int8.onnx")
+        log.info("exporting %s to %s", label, fp32)
+        deploy.export_onnx(model, fp32, args.size, dynamic="none", batch=1)
+        deploy.quantize_int8(fp32, int8)
+        energy = count_model_ops(model, args.size)["energy_pj"]
+        built[label] = model, fp32, int8, energy
+    if any(SETUPS[label][1].get("score_path") == "packed" for label in labels):
+        bit_kernels()  # build (first use) or load the C++ kernels before timing
+    rows: List[Dict[str, Any]] = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        calls = [(label, runtime, fn) for label in labels
+                 for runtime, fn in _runners(built[label][0], built[label][1], built[label][2], image,
+                                             threads).items()]
+        for _, _, fn in calls:  # warm-up
+            for _ in range(2):
+                fn()
+        times: Dict[tuple, List[float]] = {(label, runtime): [] for label, runtime, _ in calls}
+        for repeat in range(args.repeats):
+            for label, runtime, fn in (calls if repeat % 2 == 0 else calls[::-1]):
+                start = time.perf_counter()
+                fn()
+                times[label, runtime].append(1e3 * (time.perf_counter() - start))
+        for label in labels:
+            ms = {runtime: statistics.median(times[label, runtime]) for runtime in RUNTIMES}
+            rows.append(dict(attention=label, model=args.model, size=args.size, batch=1, threads=threads,
+                             repeats=args.repeats, **{f"{r}_ms": ms[r] for r in RUNTIMES},
+                             fp32_speedup=ms["pytorch"] / ms["ort_fp32"], int8_speedup=ms["pytorch"] / ms["ort_int8"],
+                             energy_mj=built[label][3] * 1e-9))
+    return rows
+
+
+def markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| attention | threads | PyTorch eager (ms) | ORT fp32 (ms) | ORT int8 (ms) | PyTorch / ORT fp32 "
+             "| PyTorch / ORT int8 | energy / image (mJ) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['attention']} | {r['threads']} | {r['pytorch_ms']:.1f} | {r['ort_fp32_ms']:.1f} | "
+                     f"{r['ort_int8_ms']:.1f} | {r['fp32_speedup']:.2f} | {r['int8_speedup']:.2f} | "
+                     f"{r['energy_mj']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args()
+    rows = run(args)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        with open(os.path.join(args.out, "bench_deploy.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "bench_deploy.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
