@@ -230,12 +230,17 @@ def apply_preprocessing(data_cfg: Any, pre: Mapping[str, Any]) -> Any:
 
 
 # onnxruntime ----------------------------------------------------------------------------------------------------
-def inference_session(path: str, threads: Optional[int] = None) -> Any:
-    """An onnxruntime CPU session of ``path`` with ``threads`` intra-op threads (default: torch's count)."""
+def inference_session(path: str, threads: Optional[int] = None, spinning: bool = True) -> Any:
+    """An onnxruntime CPU session of ``path`` with ``threads`` intra-op threads (default: torch's count).
+
+    ``spinning=False`` lets its idle threads sleep at once instead of busy-waiting for the next run (onnxruntime's
+    default), which would steal the cores of whatever runs in between, e.g. PyTorch in an interleaved benchmark."""
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _runners(model: torch.nn.Module, fp32: str, int8: str, image: torch.Tensor, threads: int
              ) -> Dict[str, Callable[[], Any]]:
-    sessions = {"ort_fp32": deploy.inference_session(fp32, threads),
-                "ort_int8": deploy.inference_session(int8, threads)}
+    sessions = {"ort_fp32": deploy.inference_session(fp32, threads, spinning=False),
+                "ort_int8": deploy.inference_session(int8, threads, spinning=False)}
     feed = {deploy.INPUT_NAME: image.numpy()}
 
     def eager() -> Any:

@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import models  # noqa: F401 (registers pvtv2_*)
 from attention.bitformer import BitformerAttention, bit_scores
@@ -211,6 +212,18 @@ def test_unexportable_requests_fail_before_work():
         deploy.check_exportable(b0, 64, "height", 18)
     with pytest.raises(deploy.DeployError, match="multiples of 32"):
         deploy.check_exportable(b0, 80, "size", 18)
+
+
+def test_preprocessing_metadata_of_checkpoints_and_bare_weight_files():
+    model = timm.create_model("pvtv2_b0", num_classes=10)
+    bare = deploy.preprocessing_of(None, model, 224)  # timm's pretrained config: ImageNet's
+    assert bare == dict(input_size=[3, 224, 224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+                        crop_pct=0.9, interpolation="bicubic")
+    data = dict(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2], crop_pct=1.0, interpolation="bilinear", img_size=32)
+    pre = deploy.preprocessing_of(data, model, 64)
+    assert pre["input_size"] == [3, 64, 64] and pre["mean"] == data["mean"] and pre["interpolation"] == "bilinear"
+    cfg = OmegaConf.create(dict(data, name="cifar100"))
+    assert deploy.apply_preprocessing(cfg, pre).img_size == 64
 
 
 def test_unreadable_files_fail_with_a_clear_error(tmp_path, exported):
