@@ -259,3 +259,25 @@ def test_a_checkpoint_of_another_attention_names_the_mismatching_keys():
     with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn: the checkpoint has .*'k\.weight'.* where "
                                          r"this model's ecoformer attention has .*'qk\.weight'"):
         adapt_state_dict(bitformer, timm.create_model("pvtv2_b0", attn="ecoformer", num_classes=10))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size='16'", "data.batch_size='16': must be an integer (a quoted number is text: drop the quotes)"),
+    ("data.img_size=-32", "data.img_size=-32: PVTv2 needs at least 32 px"),
+    ("data.img_size=32.5", "data.img_size=32.5: must be an integer"),
+    ("optim.lr=fast", "optim.lr='fast': must be a number"),
+    ("ema.enabled=yes", "ema.enabled='yes': must be true or false"),
+    ("data.mean=[0.5,'x',0.5]", "data.mean=[0.5, 'x', 0.5]: must be a list of numbers"),
+    ("attn.bits='16'", "attn.bits='16': a quoted number is text; drop the quotes"),
+    ("max_steps_per_epoch=0", "max_steps_per_epoch=0: must be >= 1, or null for whole epochs"),
+    ("sched.name=cosin", "sched.name=cosin: unknown scheduler; valid (timm's): cosine, tanh, step"),
+])
+def test_config_values_are_type_checked_naming_the_key(override, message):
+    """A quoted number used to pass (int('16')) and then misbehave (eval batch 2 * '16' = 1616 images)."""
+    from engine.config import ConfigError, validate_train_config
+
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = compose("train", ["data=fake", "attn=ecoformer", override])
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    assert message in str(info.value)
