@@ -138,8 +138,8 @@ class CheckedImageFolder(datasets.ImageFolder):
         unknown = sorted(set(found) - set(self.index_classes))
         if unknown:
             raise DataError(f"{directory} has {len(unknown)} class folder(s) that the training split lacks: "
-                            f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}; labels must mean the same "
-                            "in both splits: add them to the training split or remove them here")
+                            f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}; labels must mean the "
+                            "same in both splits: add them to the training split or remove them here")
         missing = sorted(set(self.index_classes) - set(found))
         if missing:
             log.warning("%s lacks %d training class(es): %s (scored with the training split's labels)", directory,

@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
 from engine.data import CIFAR100, build_dataset, build_loader, build_mixup, build_transform
-from helpers import ROOT, SHARED_DATA, export_cifar
+from helpers import ROOT, SHARED_DATA, export_cifar, run
 
 CIFAR_CFG = OmegaConf.load(os.path.join(ROOT, "configs", "data", "cifar100.yaml"))
 
@@ -181,3 +181,14 @@ def test_validation_labels_follow_the_training_class_index(tmp_path, caplog):
     assert sorted(set(val.targets)) == [0, 2] and val.classes == ["ant", "bee", "cat"]  # cat stays 2, not 1
     with pytest.raises(DataError, match="1 class folder.* that the training split lacks: dog"):
         build_dataset(OmegaConf.merge(cfg, {"val_dir": "val_extra"}), False, None, class_names(train))
+
+
+def test_a_val_class_unknown_to_training_stops_train_py_before_any_training(tmp_path):
+    """It used to crash with `IndexError: Target 2 is out of bounds` after a whole training epoch."""
+    root = _image_tree(tmp_path / "data", {"train": ["ant", "bee"], "val": ["ant", "bee", "cat"]})
+    run_dir = tmp_path / "run"
+    code, out, err = run("train.py", "data=folder", f"data.root={root}", "data.img_size=32", "data.batch_size=2",
+                         "data.num_workers=0", "epochs=1", "device=cpu", f"hydra.run.dir={run_dir}",
+                         env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2 and "that the training split lacks: cat" in out and "Traceback" not in out + err
+    assert os.listdir(run_dir) == ["checkpoints"]  # nothing written (the folder's writability check made it)
