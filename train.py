@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
 from engine.build import build_model, load_optimizer_state, optimizer_args
-from engine.config import ConfigError, check_writable, config_differences, validate_train_config
+from engine.config import ConfigError, check_writable, config_differences, misfit_message, validate_train_config
 from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform, class_names,
                          num_classes_of)
 from engine.errors import reported_errors
@@ -183,20 +183,6 @@ def check_buffers_in_sync(model: nn.Module) -> None:
     if not same.item():
         raise RuntimeError("hash buffers differ between ranks after the hash fit")
     log.info("hash buffers identical on %d ranks", dist.get_world_size())
-
-
-def misfit_message(path: str, saved: Optional[Dict[str, Any]], requested: Dict[str, Any], err: Exception) -> str:
-    """Why a resume checkpoint does not fit the requested run: the two configurations and the keys that differ."""
-    def describe(c: Dict[str, Any]) -> str:
-        return f"model={c['model']['name']} attn={c['attn']['name']} data={c['data']['name']}"
-
-    if saved is None:
-        return f"resume={path} does not fit this run ({describe(requested)}): {str(err).splitlines()[0][:200]}"
-    differing = [line for group in ("model", "attn", "data")
-                 for line in config_differences(saved[group], requested[group], f"{group}.")]
-    return (f"resume={path} does not fit this run: it holds {describe(saved)}, this run asks for "
-            f"{describe(requested)}; differing config keys: {'; '.join(differing[:12]) or 'none'}. Continue it with "
-            "its own settings, or train the new configuration in another folder with hydra.run.dir=DIR")
 
 
 def end_of_run(best_top1: float) -> float:

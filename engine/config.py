@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import timm.optim
@@ -180,6 +180,21 @@ def config_differences(saved: Any, requested: Any, prefix: str = "") -> List[str
                 for line in config_differences(saved.get(key, "(absent)"), requested.get(key, "(absent)"),
                                                f"{prefix}{key}.")]
     return [] if saved == requested else [f"{prefix[:-1]}: {saved} -> {requested}"]
+
+
+def misfit_message(path: str, saved: Optional[Dict[str, Any]], requested: Dict[str, Any], err: Exception) -> str:
+    """Why the resume checkpoint ``path`` (its resolved config ``saved``) does not fit the ``requested`` config:
+    both configurations and the keys of the model, attn and data groups that differ (not state-dict keys)."""
+    def describe(c: Dict[str, Any]) -> str:
+        return f"model={c['model']['name']} attn={c['attn']['name']} data={c['data']['name']}"
+
+    if saved is None:
+        return f"resume={path} does not fit this run ({describe(requested)}): {str(err).splitlines()[0][:200]}"
+    differing = [line for group in ("model", "attn", "data")
+                 for line in config_differences(saved[group], requested[group], f"{group}.")]
+    return (f"resume={path} does not fit this run: it holds {describe(saved)}, this run asks for "
+            f"{describe(requested)}; differing config keys: {'; '.join(differing[:12]) or 'none'}. Continue it with "
+            "its own settings, or train the new configuration in another folder with hydra.run.dir=DIR")
 
 
 def check_writable(folder: str) -> None:
