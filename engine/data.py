@@ -95,9 +95,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode for 16- and 32-bit integer files) scaled by 255/65535, float (``F``) scaled from [0, 1] (both rounded, values
     outside the range saturate); transparency (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, a palette or colour key
     with ``transparency``) composited onto white, as viewers show it, rather than revealing the colours stored under
-    transparent pixels; ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` by Pillow's conversion."""
-    if img.mode == "RGB":
-        return img
+    transparent pixels; ``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` by Pillow's conversion.
+    Always a new, loaded image (independent of the file it was opened from)."""
     if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
         scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
         grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) * scale), 0, 255).astype(np.uint8)

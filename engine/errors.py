@@ -21,7 +21,7 @@ def message_of(err: BaseException) -> str:
     original message only."""
     text = str(err)
     if "Original Traceback" in text:
-        text = text.rsplit(f"\n{type(err).__name__}: ", 1)[-1]
+        text = text.rsplit(f"{type(err).__name__}: ", 1)[-1]  # after the quoted "engine.data.DataError: "
     return text
 
 

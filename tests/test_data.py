@@ -116,6 +116,7 @@ def _mode_cases():
         ("L", Image.fromarray(grey), stack(grey), "png"),
         ("LA", Image.fromarray(np.dstack([grey, alpha]), "LA"), _composite(stack(grey), alpha), "png"),
         ("La", Image.fromarray(np.dstack([grey, alpha]), "LA").convert("La"), _composite(stack(grey), alpha), None),
+        ("RGB", Image.fromarray(rgb), rgb.astype(float), "png"),
         ("P", paletted, palette[index].astype(float), "png"),
         ("P", keyed, np.where((index == 3)[..., None], 255.0, palette[index]), "png"),
         ("PA", with_alpha, _composite(palette[index], alpha), None),

@@ -3,6 +3,7 @@ writer per folder."""
 import hashlib
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -106,6 +107,8 @@ def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_first(tmp_path
         while "test hook: waiting" not in seen and first.poll() is None:
             seen += first.stdout.readline()
         assert first.poll() is None, seen[-2000:]
+        while "test hook: waiting" not in (run_dir / "train.log").read_text():  # the console line comes first
+            time.sleep(0.05)
         before = _snapshot(run_dir)
         code, out, err = run("train.py", *TINY, "epochs=1", f"hydra.run.dir={run_dir}", env={"HYDRA_FULL_ERROR": "0"})
         assert code == 2 and f"in use by PID {first.pid} " in out and "Traceback" not in out + err

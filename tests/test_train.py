@@ -236,8 +236,8 @@ def test_bf16_ema_accumulation_clipping_and_init_from_timm_weights(tmp_path):
     assert "init from" in out and "'converted'" in out
     record = metrics(run_dir)[0]
     assert {"val_top1", "val_ema_top1"} <= record.keys() and record["train_loss"] == record["train_loss"]
-    code, out, err = run("eval.py", f"ckpt={run_dir}/checkpoints/last.ckpt", "use_ema=true",
-                         f"results={tmp_path}/res.json", f"hydra.run.dir={tmp_path}/e1")
+    code, out, err = run("eval.py", f"ckpt={run_dir}/checkpoints/last.ckpt", "use_ema=true", "amp=bf16",
+                         f"results={tmp_path}/res.json", f"hydra.run.dir={tmp_path}/e1")  # as validated in training
     assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["use_ema"] and result["top1"] == record["val_ema_top1"]
