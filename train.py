@@ -212,7 +212,6 @@ def train(cfg: DictConfig, folder: RunFolder) -> Optional[float]:
     run_dir = folder.path
     if rank == 0:  # one writer per run folder, before anything is written: a second run stops here naming this one
         folder.lock()
-        check_writable(folder.ckpt_dir)
     dtype = amp_dtype(cfg.amp, device)
     seed_everything(int(cfg.seed) + rank)
     resume_path = folder.resume_path(cfg.resume)
@@ -313,6 +312,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> Optional[float]:
 
     # the run folder: complete the last epoch of a killed run, stop here if the run is done, record the config ------
     if rank == 0:
+        check_writable(folder.ckpt_dir)
         folder.recover(resume_state if resume_path == folder.last else None)
     if start_epoch >= int(cfg.epochs):
         log.info("%s: the run is finished (%d epochs, epochs=%d); nothing to do. Raise epochs to train on", run_dir,

@@ -16,6 +16,7 @@ them from ``last.ckpt`` and removes the temporary files of a killed writer. So t
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -150,7 +151,8 @@ class RunFolder:
         """Remove ``train.lock`` (while still holding it), then release it."""
         if self._lock_fd is None:
             return
-        os.unlink(self.lock_path)
+        with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
+            os.unlink(self.lock_path)
         os.close(self._lock_fd)
         self._lock_fd = None
 
