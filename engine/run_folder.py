@@ -182,21 +182,20 @@ class RunFolder:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
                     clean = False
-                    log.warning("%s: line %d is not JSON (half-written by an older version?); dropping it",
+                    log.warning("%s: line %d is not JSON (half-written by an older version?); ignoring it",
                                 self.metrics, number)
         return records, clean
 
     # writing -----------------------------------------------------------------------------------------------------
-    def open(self, cfg: DictConfig, hydra_cfg: Optional[DictConfig]) -> None:
+    def open(self, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
         """Record the run's configuration once every check has passed: ``config.yaml`` (resolved) and Hydra's
         ``.hydra/{config,hydra,overrides}.yaml`` (hydra.output_subdir=null keeps Hydra from writing them before
         ``main``); start the log file."""
-        files = {os.path.join(self.path, "config.yaml"): OmegaConf.to_yaml(cfg, resolve=True)}
-        if hydra_cfg is not None:
-            hydra_dir = os.path.join(self.path, ".hydra")
-            files.update({os.path.join(hydra_dir, "config.yaml"): OmegaConf.to_yaml(cfg),
-                          os.path.join(hydra_dir, "hydra.yaml"): OmegaConf.to_yaml({"hydra": hydra_cfg}),
-                          os.path.join(hydra_dir, "overrides.yaml"): OmegaConf.to_yaml(hydra_cfg.overrides.task)})
+        hydra_dir = os.path.join(self.path, ".hydra")
+        files = {os.path.join(self.path, "config.yaml"): OmegaConf.to_yaml(cfg, resolve=True),
+                 os.path.join(hydra_dir, "config.yaml"): OmegaConf.to_yaml(cfg),
+                 os.path.join(hydra_dir, "hydra.yaml"): OmegaConf.to_yaml({"hydra": hydra_cfg}),
+                 os.path.join(hydra_dir, "overrides.yaml"): OmegaConf.to_yaml(hydra_cfg.overrides.task)}
         for path, text in files.items():
             publish(write_temp(path, _text_writer(text)), path)
         start_run_log()
