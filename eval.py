@@ -20,9 +20,11 @@ from attention.bitformer import bit_kernels
 from engine import checkpoint as ckpt_io
 from engine.build import build_model
 from engine.config import ConfigError, validate_data_config
-from engine.data import build_dataset, build_loader, build_transform
+from engine.data import build_dataset, build_loader, build_transform, num_classes_of
+from engine.errors import reported_errors
 from engine.evaluate import amp_dtype, evaluate, resolve_device
 from models import adapt_state_dict, load_checkpoint_state, model_state_of
+from models.weights import CheckpointError
 
 log = logging.getLogger("eval")
 
@@ -45,7 +47,8 @@ def resolve_data(cfg: DictConfig, train_cfg: Any) -> DictConfig:
 
 
 def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
-    """(model with weights, the checkpoint's train config or None, description)."""
+    """(model with weights, the checkpoint's train config or None, description; its ``classes``: the training
+    class names in label order, when the checkpoint has them)."""
     path = cfg.ckpt
     state = ckpt_io.load(path) if not str(path).endswith(".safetensors") else {}
     if isinstance(state.get("config"), dict):  # a train.py checkpoint
@@ -60,9 +63,14 @@ def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
             train_cfg.attn = OmegaConf.merge(train_cfg.attn, cfg.attn)
         model = build_model(train_cfg.model, train_cfg.attn, int(weights["head.weight"].shape[0]),
                             load_pretrained=False)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: its weights do not fit attn={train_cfg.attn.name} with the options "
+                                  f"given ({str(err).splitlines()[0]}); drop the attn.* overrides that change "
+                                  "shapes") from None
         return model, train_cfg, {"model": train_cfg.model.name, "attn": train_cfg.attn.name,
-                                  "epoch": int(state["epoch"])}
+                                  "epoch": int(state["epoch"]), "classes": state.get("classes")}
     if cfg.get("model") is None:
         raise ConfigError(f"{path} is a bare weight file: name its model with model=<pvtv2_b0|...> "
                           "(and attn=<name> if not softmax)")
@@ -71,7 +79,10 @@ def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
     head = weights.get("head.weight")
     attn_cfg = cfg.get("attn") or {"name": "softmax"}
     model = build_model(cfg.model, attn_cfg, int(head.shape[0]) if head is not None else 1000, load_pretrained=False)
-    adapted, report = adapt_state_dict(weights, model)
+    try:
+        adapted, report = adapt_state_dict(weights, model)
+    except ValueError as err:
+        raise CheckpointError(f"ckpt={path}: {err}") from None
     model.load_state_dict(adapted)
     log.info("loaded %s: %s", path, {k: len(v) for k, v in report.items()})
     return model, None, {"model": cfg.model.name, "attn": attn_cfg["name"]}
@@ -79,18 +90,25 @@ def load_model(cfg: DictConfig) -> Tuple[Any, Any, Dict[str, Any]]:
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> Dict[str, Any]:
-    try:
-        model, train_cfg, info = load_model(cfg)
-        data_cfg = resolve_data(cfg, train_cfg)
-        errors: list = []
-        validate_data_config(data_cfg, errors)
-        if errors:
-            raise ConfigError("invalid data configuration:\n  " + "\n  ".join(errors))
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+    with reported_errors(log):
+        return evaluate_checkpoint(cfg)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
+    model, train_cfg, info = load_model(cfg)
+    data_cfg = resolve_data(cfg, train_cfg)
+    errors: list = []
+    validate_data_config(data_cfg, errors)
+    if errors:
+        raise ConfigError("invalid data configuration:\n  " + "\n  ".join(errors))
     device = resolve_device(cfg.device)
-    dataset = build_dataset(data_cfg, False, build_transform(data_cfg, train=False))
+    # folder datasets: labels through the training class index (unknown class folders fail, listed)
+    dataset = build_dataset(data_cfg, False, build_transform(data_cfg, train=False), info.pop("classes", None))
+    data_classes = num_classes_of(data_cfg, dataset)
+    if model.num_classes != data_classes:
+        raise ConfigError(f"{cfg.ckpt} predicts {model.num_classes} classes but data={data_cfg.name} "
+                          f"(root {data_cfg.get('root')}) has {data_classes}; evaluate it on the classes it was "
+                          "trained for")
     loader = build_loader(data_cfg, dataset, False, 0, 1, 0)
     model.to(device)
     if device.type == "cpu" and any(getattr(m, "score_path", None) == "packed" for m in model.modules()):

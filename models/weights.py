@@ -34,23 +34,27 @@ LAYOUTS = ("timm", "pvt", "ecoformer_authors")
 _SAFE_GLOBALS = [argparse.Namespace]
 
 
+class CheckpointError(RuntimeError):
+    """A weight or checkpoint file that cannot be used; the message names the file and what to do."""
+
+
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint written by ``engine.checkpoint.save_atomic`` with ``weights_only=True`` (a pickle that would run code is
-    refused); a truncated or corrupt file raises a ``RuntimeError`` that says so."""
+    """Load a checkpoint written by ``engine.checkpoint.save_atomic`` with ``weights_only=True`` (a pickle that would
+    run code is refused); a missing, truncated, corrupt or foreign file raises :class:`CheckpointError` saying so."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as err:
-        raise RuntimeError(f"checkpoint {path!r} is truncated or corrupt ({err}); use another checkpoint "
-                           f"(e.g. last.ckpt / best.ckpt of the run)") from err
-    except Exception as err:
-        if "weights_only" in str(err):
-            raise RuntimeError(f"checkpoint {path!r} holds objects other than tensors and plain data and was refused "
-                               f"(loaded with weights_only=True for safety): {str(err).splitlines()[0]}") from err
-        raise
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... for such files
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if "GLOBAL" in reason:
+            raise CheckpointError(f"checkpoint {path!r} holds objects other than tensors and plain data and was "
+                                  f"refused (loaded with weights_only=True for safety): {reason[:300]}") from err
+        raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt, or another kind "
+                              f"of file: {type(err).__name__} {reason[:200]}); use another checkpoint (e.g. "
+                              "last.ckpt / best.ckpt of the run)") from err
 
 
 def load_checkpoint_state(path: PathLike, use_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -70,7 +74,8 @@ def model_state_of(obj: Any, use_ema: bool = False, path: str = "checkpoint") ->
     if isinstance(obj, dict):
         if use_ema:
             if obj.get("model_ema") is None:
-                raise KeyError(f"checkpoint {path!r} has no EMA weights (saved without model_ema)")
+                raise CheckpointError(f"checkpoint {path!r} has no EMA weights (trained with ema.enabled=false); "
+                                      "drop use_ema=true")
             obj = obj["model_ema"]
         else:
             for key in ("model", "state_dict", "model_state"):

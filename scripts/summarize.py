@@ -11,23 +11,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+log = logging.getLogger("summarize")
 
 
 def read_job(folder: str) -> Optional[Dict[str, Any]]:
-    """A job folder's metrics, overrides and config, or None when it holds no metrics.jsonl."""
+    """A job folder's metrics, overrides and config, or None when it holds no metrics.jsonl or an unreadable one
+    (a warning names the file and line; the other jobs are still summarised)."""
     import yaml
 
     metrics_path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
         return None
+    records = []
     with open(metrics_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping job %s: %s line %d is not JSON (half-written by a crash?)",
+                            os.path.basename(folder), metrics_path, number)
+                return None
     overrides_path = os.path.join(folder, ".hydra", "overrides.yaml")
     overrides = yaml.safe_load(open(overrides_path)) if os.path.isfile(overrides_path) else []
     config_path = os.path.join(folder, "config.yaml")
@@ -58,8 +70,8 @@ def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) ->
     rows: List[str] = ["| job | overrides | best top-1 | final top-1 | final top-5 | epochs | s/epoch (median) | "
                        "seconds | energy (mJ) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for job in jobs:
-        top1 = [r["val_top1"] for r in job["records"] if "val_top1" in r]
-        top5 = [r["val_top5"] for r in job["records"] if "val_top5" in r]
+        validated = [r for r in job["records"] if "val_top1" in r and not r.get("skipped")]  # skipped: non-finite
+        top1, top5 = [r["val_top1"] for r in validated], [r["val_top5"] for r in validated]
         epoch_seconds = [r.get("seconds", 0.0) for r in job["records"]]
         seconds = sum(epoch_seconds)
         mj = energy_mj(job["config"]) if energy else None
@@ -95,6 +107,7 @@ def main() -> None:
                                                    "<sweep_dir>/val_top1.png)")
     parser.add_argument("--no-energy", action="store_true", help="skip the energy column")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     png = args.png or os.path.join(args.sweep_dir, "val_top1.png")
     print(summarize(args.sweep_dir, png, energy=not args.no_energy))
     print(f"\ncurves: {png}", file=sys.stderr)
