@@ -24,13 +24,13 @@ SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", 
 # The type of every number and switch of a train config (data keys relative to ``data``): a quoted number, a float
 # where an integer is needed or text where a number is needed fails naming the key. "?": may be null; "[]": a list.
 INTEGERS = ("epochs", "seed", "grad_accum", "eval_every", "log_interval", "max_steps_per_epoch?", "sched.warmup_epochs",
-            "sched.cooldown_epochs", "optim.lr_base_batch?", "hash.every_epochs", "hash.num_images", "hash.max_tokens",
+            "sched.cooldown_epochs", "optim.lr_base_batch?", "hash.every_epochs", "hash.num_images", "hash.max_tokens?",
             "hash.pairs", "hash.steps", "hash.seed")
 REALS = ("grad_clip?", "optim.lr", "optim.weight_decay", "optim.eps", "optim.momentum", "optim.layer_decay?",
-         "optim.betas[]", "sched.warmup_lr", "sched.min_lr", "ema.decay", "hash.lr", "model.drop_rate",
+         "optim.betas[]", "sched.warmup_lr", "sched.min_lr", "ema.decay", "hash.lr", "hash.target_rms?", "model.drop_rate",
          "model.drop_path_rate")
 SWITCHES = ("compile", "channels_last", "skip_nonfinite", "ema.enabled", "ema.warmup", "sched.warmup_prefix",
-            "optim.fused?", "model.pretrained")
+            "optim.fused?", "model.pretrained", "hash.enabled")
 DATA_INTEGERS = ("img_size", "batch_size", "eval_batch_size?", "num_workers", "num_classes?", "per_class?",
                  "train_size", "val_size")
 DATA_REALS = ("mean[]", "std[]", "crop_pct", "aug.scale[]", "aug.hflip", "aug.color_jitter?", "aug.reprob",
@@ -164,6 +164,8 @@ def validate_train_config(cfg: DictConfig) -> None:
            f"hash.max_tokens={cfg.hash.max_tokens}: must be >= 2 * hash.pairs ({2 * int(cfg.hash.pairs)}), or null "
            "for all tokens")
     _check(errors, float(cfg.hash.lr) > 0, f"hash.lr={cfg.hash.lr}: must be > 0")
+    _check(errors, cfg.hash.target_rms is None or float(cfg.hash.target_rms) > 0,
+           f"hash.target_rms={cfg.hash.target_rms}: must be > 0, or null for no rescaling")
     for key in ("init", "resume"):
         value = cfg.get(key)
         if value not in (None, "auto") and not os.path.isfile(str(value)):
