@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -31,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
+from engine import sweep
 from engine.build import build_model, load_optimizer_state, optimizer_args
 from engine.config import ConfigError, check_writable, validate_train_config
 from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform,
@@ -187,6 +189,7 @@ def resolve_resume(cfg: DictConfig, run_dir: str) -> Optional[str]:
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@sweep.job  # scheduler rank variables; in a sweep: joblib slot, failures raised for Hydra / Optuna
 def main(cfg: DictConfig) -> Optional[float]:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
@@ -353,4 +356,5 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    sweep.check_plugins(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
     main()
