@@ -3,6 +3,7 @@
 
     python train.py model=pvtv2_b0 attn=ecoformer data=cifar100 data.root=DIR
     python train.py -m attn=softmax,bitformer,ecoformer seed=0,1          # a sweep, one folder per job
+    python train.py -m hparams_search=ecoformer_hash hydra/launcher=joblib  # Optuna search, parallel jobs (README)
     torchrun --nproc_per_node=N train.py ...                             # DistributedDataParallel
 
 Read top to bottom: config checks, distributed set-up, data, model, optimizer/scheduler/EMA, resume, then the

@@ -58,8 +58,9 @@ class JobFailed(RuntimeError):
     """A sweep job that did not produce its objective; Hydra records it as the job's (trial's) failure."""
 
 
-class SweepConfigError(ValueError):
-    """A swept value that cannot compose into a valid config; raised before any job starts."""
+class SweepConfigError(SystemExit):
+    """A swept value that cannot compose into a valid config, before any job starts. A ``SystemExit`` (message,
+    status 1): Hydra turns a callback's ordinary exceptions into warnings, and the sweep must not go on."""
 
 
 # plugins ------------------------------------------------------------------------------------------------------------
@@ -127,9 +128,11 @@ def _swept_values(override: Override) -> List[str]:
 
 def probe_overrides(overrides: Sequence[str], config_loader: Any = None) -> List[Tuple[str, List[str]]]:
     """(value under test, a job's override list): the first job, then each further swept value with every other
-    override at its first value. A sweep of n values over k keys gives 1 + sum(n - 1) probes, not prod(n)."""
+    override at its first value. A sweep of n values over k keys gives 1 + sum(n - 1) probes, not prod(n).
+    A key given twice keeps its last override (as Optuna's sweeper does with ``params`` + command line)."""
     parsed = OverridesParser.create(config_loader).parse_overrides(list(overrides))
-    values = [_swept_values(override) for override in parsed]
+    last = {override.get_key_element(): override for override in parsed}
+    values = [_swept_values(override) for override in last.values()]
     first = [options[0] for options in values]
     probes = [(" ".join(first), first)]
     for i, options in enumerate(values):
@@ -161,11 +164,9 @@ class SweepPreflight(Callback):
         self.validate: Optional[Callable[[DictConfig], None]] = get_method(validate) if validate else None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        os.makedirs(str(config.hydra.sweep.dir), exist_ok=True)
         loader = GlobalHydra.instance().config_loader()
-        overrides = list(config.hydra.overrides.task)
-        params = config.hydra.sweeper.get("params") or {}
-        overrides += [f"{key}={value}" for key, value in params.items()]
+        params = config.hydra.sweeper.get("params") or {}  # Optuna's search space; the command line overrides it
+        overrides = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
         probes = probe_overrides(overrides, loader)
         for value, probe in probes:
             try:
@@ -173,11 +174,12 @@ class SweepPreflight(Callback):
                 if self.validate is not None:
                     self.validate(job_cfg)
             except Exception as err:  # composition or validation: report which swept value broke it
-                key = value.split("=")[0].lstrip("+~") if " " not in value else ""
-                close = difflib.get_close_matches(key, _config_keys(config), n=3) if key else []
-                hint = f" (did you mean {', '.join(close)}?)" if close and key not in close else ""
+                key = re.search(r"(?:full_key: |Could not override ')([\w.]+)", str(err))
+                close = difflib.get_close_matches(key.group(1), _config_keys(config), n=3) if key else []
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise SweepConfigError(f"sweep value `{value}` does not make a valid job config{hint}; no job was "
                                        f"started:\n{err}") from None
+        os.makedirs(str(config.hydra.sweep.dir), exist_ok=True)  # Optuna's sqlite storage is opened in it
         log.info("sweep pre-flight: %d job configs composed and validated", len(probes))
 
 

@@ -49,9 +49,23 @@ def energy_mj(config: Optional[Dict[str, Any]]) -> Optional[float]:
     return count_model_ops(model, int(config["data"]["img_size"]))["energy_pj"] / 1e9
 
 
-def optuna_section(sweep_dir: str, jobs: List[Dict[str, Any]]) -> List[str]:
+def job_overrides(sweep_dir: str) -> Dict[str, List[str]]:
+    """Job folder name -> its command-line overrides, for every job Hydra started (finished or not)."""
+    import yaml
+
+    jobs = {}
+    for name in sorted(os.listdir(sweep_dir)):
+        path = os.path.join(sweep_dir, name, ".hydra", "overrides.yaml")
+        if os.path.isfile(path):
+            with open(path) as f:
+                jobs[name] = yaml.safe_load(f) or []
+    return jobs
+
+
+def optuna_section(sweep_dir: str) -> List[str]:
     """Markdown lines for the Optuna studies of ``<sweep_dir>/optuna.db`` (none for a grid sweep): one row per
-    trial, its job folder found by its parameters among the job overrides, then the best trial."""
+    trial with its job folder (the one whose overrides are the trial's parameters and fixed overrides), then the
+    best trial."""
     db = os.path.join(sweep_dir, "optuna.db")
     if not os.path.isfile(db):
         return []
@@ -61,14 +75,15 @@ def optuna_section(sweep_dir: str, jobs: List[Dict[str, Any]]) -> List[str]:
         raise SystemExit(f"{db}: reading an Optuna search needs optuna: pip install -e '.[sweep]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{os.path.abspath(db)}"
+    jobs = job_overrides(sweep_dir)
     lines: List[str] = []
     for summary in optuna.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        folder_of: Dict[int, str] = {}
+        folder_of = {}
         for trial in study.trials:
-            wanted = {f"{name}={value}" for name, value in trial.params.items()}
-            folder_of[trial.number] = next((job["name"] for job in jobs if wanted <= set(job["overrides"])
-                                            and job["name"] not in folder_of.values()), "-")
+            wanted = {f"{name}={value}" for name, value in {**trial.user_attrs, **trial.params}.items()}
+            folder_of[trial.number] = next((name for name, overrides in jobs.items() if set(overrides) == wanted
+                                            and name not in folder_of.values()), "-")
         states = [trial.state.name for trial in study.trials]
         lines += ["", f"Optuna study `{study.study_name}` ({study.direction.name.lower()}): {len(states)} trials, "
                   f"{states.count('COMPLETE')} complete, {states.count('FAIL')} failed", "",
@@ -103,7 +118,7 @@ def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) ->
         rows.append(f"| {job['name']} | {' '.join(job['overrides']) or '-'} | {best} | {final} | {final5} | "
                     f"{len(job['records'])} | {statistics.median(epoch_seconds):.0f} | {seconds:.0f} | "
                     f"{'-' if mj is None else f'{mj:.3f}'} |")
-    rows += optuna_section(sweep_dir, jobs)
+    rows += optuna_section(sweep_dir)
     if png:
         import matplotlib
 
