@@ -51,10 +51,7 @@ def test_scheduler_variables_become_torchrun_variables(monkeypatch):
     assert sweep.torch_env_from_scheduler(local)["MASTER_ADDR"] == "127.0.0.1"
     for nodes, host in [("node7", "node7"), ("a,b", "a"), ("rack[1-2]-n[01-04]", "rack1-n01"), ("g[3,5]", "g3")]:
         assert sweep.first_host(nodes) == host
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "environ", dict(slurm))  # a task's environment, restored after the test
     sweep.export_torch_env()  # what train.py's task runs before setup_distributed reads RANK / WORLD_SIZE / ...
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
 
@@ -134,24 +131,40 @@ def test_joblib_runs_two_jobs_at_once_and_summarize_reads_them(tmp_path):
     assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
 
 
-def test_submitit_local_runs_each_job_as_a_two_task_ddp_job(tmp_path):
-    """The submitit code path (SLURM's, on this machine): 2 jobs, each of 2 tasks that become 2 DDP ranks through
-    the scheduler variables; each job's run folder is complete."""
+def test_submitit_local_runs_a_two_job_sweep(tmp_path):
+    """The submitit code path (SLURM's, on this machine): 2 jobs, each job's run folder complete."""
     sweep_dir = str(tmp_path / "submitit")
-    code, _, err = run("train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *SMOKE,
-                       "attn=ecoformer", "data.train_size=32", "seed=0,1", f"hydra.sweep.dir={sweep_dir}")
+    code, _, err = run("train.py", "-m", "hydra/launcher=submitit_local", *SMOKE, "seed=0,1",
+                       f"hydra.sweep.dir={sweep_dir}")
     assert code == 0, err[-3000:]
     jobs = _job_folders(sweep_dir)
     assert len(jobs) == 2
     for job in jobs:
         assert sorted(os.listdir(os.path.join(job, "checkpoints"))) == ["best.ckpt", "last.ckpt"]
         assert os.path.isfile(os.path.join(job, "config.yaml")) and os.path.isdir(os.path.join(job, ".hydra"))
+        assert os.path.isfile(os.path.join(job, "train.log"))
         records = metrics(job)
-        assert len(records) == 1 and "val_top1" in records[0] and "hash_fit" in records[0]
-        log = open(os.path.join(job, "train.log")).read()
-        assert "(2 processes" in log and "hash buffers identical on 2 ranks" in log
-        assert "scheduler task -> rank 1 of 2" in log
+        assert len(records) == 1 and "val_top1" in records[0]
     assert len(os.listdir(os.path.join(sweep_dir, ".submitit"))) >= 2  # submitit's own job folders
+    code, out, err = run("scripts/summarize.py", sweep_dir, "--no-energy")
+    assert code == 0, err[-3000:]
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "seed=" in line]) == 2
+
+
+@pytest.mark.slow
+def test_submitit_local_job_of_two_tasks_trains_as_two_ddp_ranks(tmp_path):
+    """tasks_per_node=2: the scheduler's task variables become torch.distributed's (as srun's do on SLURM), so one
+    sweep job trains as 2 DDP ranks with identical EcoFormer hashes."""
+    sweep_dir = str(tmp_path / "submitit")
+    code, _, err = run("train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *SMOKE,
+                       "attn=ecoformer", "data.train_size=32", "seed=0", f"hydra.sweep.dir={sweep_dir}")
+    assert code == 0, err[-3000:]
+    (job,) = _job_folders(sweep_dir)
+    records = metrics(job)
+    assert len(records) == 1 and "hash_fit" in records[0]
+    log = open(os.path.join(job, "train.log")).read()
+    assert "(2 processes" in log and "hash buffers identical on 2 ranks" in log
+    assert "scheduler task -> rank 1 of 2" in log
 
 
 def test_optuna_search_records_trials_resumes_and_counts_a_failed_trial_as_failed(tmp_path):
