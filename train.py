@@ -3,6 +3,7 @@
 
     python train.py model=pvtv2_b0 attn=ecoformer data=cifar100 data.root=DIR
     python train.py -m attn=softmax,bitformer,ecoformer seed=0,1          # a sweep, one folder per job
+    python train.py -m hparams_search=ecoformer_hash hydra/launcher=joblib  # Optuna search, parallel jobs (README)
     torchrun --nproc_per_node=N train.py ...                             # DistributedDataParallel
 
 Read top to bottom: config checks, distributed set-up and the run folder's lock, data, model, optimizer/scheduler/
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
+from engine import sweep
 from engine.build import build_model, load_optimizer_state, optimizer_args
 from engine.config import ConfigError, check_writable, config_differences, misfit_message, validate_train_config
 from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform, class_names,
@@ -199,6 +202,7 @@ def end_of_run(best_top1: float) -> float:
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@sweep.job  # scheduler rank variables; in a sweep: joblib slot, failures raised for Hydra / Optuna
 def main(cfg: DictConfig) -> Optional[float]:
     folder = RunFolder(HydraConfig.get().runtime.output_dir)
     try:
@@ -399,4 +403,5 @@ def train(cfg: DictConfig, folder: RunFolder) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    sweep.check_plugins(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
     main()

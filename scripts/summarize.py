@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Summarise a sweep: one markdown row per job of a Hydra multirun folder, and a PNG of the validation curves.
 
-    python train.py -m attn=softmax,bitformer,ecoformer seed=0,1
+    python train.py -m attn=softmax,bitformer,ecoformer seed=0,1       # any launcher: basic, joblib, submitit
+    python train.py -m hparams_search=ecoformer_hash ...               # an Optuna search
     python scripts/summarize.py multirun/2026-11-25/12-00-00 [--png curves.png] [--no-energy]
 
 Columns: job, overrides, best / final top-1, final top-5, epochs, median training seconds per epoch, total training
-seconds, energy per image (mJ, DESIGN §6; computed from the job's model config at its image size).
+seconds, energy per image (mJ, DESIGN §6; computed from the job's model config at its image size). An Optuna search
+adds its trials (number, state, value, parameters, job folder) and the best trial, read from <sweep>/optuna.db.
 """
 from __future__ import annotations
 
@@ -59,6 +61,55 @@ def energy_mj(config: Optional[Dict[str, Any]]) -> Optional[float]:
     return count_model_ops(model, int(config["data"]["img_size"]))["energy_pj"] / 1e9
 
 
+def job_overrides(sweep_dir: str) -> Dict[str, List[str]]:
+    """Job folder name -> its command-line overrides, for every job Hydra started (finished or not)."""
+    import yaml
+
+    jobs = {}
+    for name in sorted(os.listdir(sweep_dir)):
+        path = os.path.join(sweep_dir, name, ".hydra", "overrides.yaml")
+        if os.path.isfile(path):
+            with open(path) as f:
+                jobs[name] = yaml.safe_load(f) or []
+    return jobs
+
+
+def optuna_section(sweep_dir: str) -> List[str]:
+    """Markdown lines for the Optuna studies of ``<sweep_dir>/optuna.db`` (none for a grid sweep): one row per
+    trial with its job folder (the one whose overrides are the trial's parameters and fixed overrides), then the
+    best trial."""
+    db = os.path.join(sweep_dir, "optuna.db")
+    if not os.path.isfile(db):
+        return []
+    try:
+        import optuna
+    except ImportError:
+        raise SystemExit(f"{db}: reading an Optuna search needs optuna: pip install -e '.[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{os.path.abspath(db)}"
+    jobs = job_overrides(sweep_dir)
+    lines: List[str] = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        folder_of = {}
+        for trial in study.trials:
+            wanted = {f"{name}={value}" for name, value in {**trial.user_attrs, **trial.params}.items()}
+            folder_of[trial.number] = next((name for name, overrides in jobs.items() if set(overrides) == wanted
+                                            and name not in folder_of.values()), "-")
+        states = [trial.state.name for trial in study.trials]
+        lines += ["", f"Optuna study `{study.study_name}` ({study.direction.name.lower()}): {len(states)} trials, "
+                  f"{states.count('COMPLETE')} complete, {states.count('FAIL')} failed", "",
+                  "| trial | state | value | parameters | job |", "| ---: | --- | ---: | --- | --- |"]
+        for trial in study.trials:
+            value = "-" if trial.value is None else f"{trial.value:.2f}"
+            params = " ".join(f"{name}={value}" for name, value in trial.params.items())
+            lines.append(f"| {trial.number} | {trial.state.name} | {value} | {params} | {folder_of[trial.number]} |")
+        if "COMPLETE" in states:
+            best = study.best_trial
+            lines += ["", f"best: trial {best.number}, value {best.value:.2f} ({folder_of[best.number]})"]
+    return lines
+
+
 def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) -> str:
     """Markdown table of the jobs under ``sweep_dir``; writes the validation-curve PNG to ``png`` when given."""
     if not os.path.isdir(sweep_dir):
@@ -79,6 +130,7 @@ def summarize(sweep_dir: str, png: Optional[str] = None, energy: bool = True) ->
         rows.append(f"| {job['name']} | {' '.join(job['overrides']) or '-'} | {best} | {final} | {final5} | "
                     f"{len(job['records'])} | {statistics.median(epoch_seconds):.0f} | {seconds:.0f} | "
                     f"{'-' if mj is None else f'{mj:.3f}'} |")
+    rows += optuna_section(sweep_dir)
     if png:
         import matplotlib
 
