@@ -266,14 +266,20 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
         prefix = name + "."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         target = module.state_dict()
-        kept = set(target) - set(sub)
-        if (sub and set(sub) <= set(target) and kept <= {n for n, _ in module.named_buffers()}
+        kept = set(target) - set(sub)  # only the authors' files may lack buffers (their σ)
+        keepable = {n for n, _ in module.named_buffers()} if authors else set()
+        if (sub and set(sub) <= set(target) and kept <= keepable
                 and all(sub[k].shape == target[k].shape for k in sub)):
             out.update({prefix + k: sub.get(k, target[k]) for k in target})
             report["copied"].extend(prefix + k for k in sub)
             report["new"].extend(prefix + k for k in sorted(kept))
             if authors and getattr(module, "formula", None) == "paper":
                 paper_formula.append(name)
+        elif module.attn_name == "softmax" and "q.weight" in sub:  # softmax into softmax must match exactly
+            has_sr = "sr.weight" in sub
+            mismatched.append(f"{prefix[:-1]}: the checkpoint's softmax block {'has' if has_sr else 'has no'} spatial "
+                              f"reduction ({'SRA' if has_sr else 'full MSA'}); build the model with "
+                              f"attn.sr={'true' if has_sr else 'false'}")
         elif "q.weight" in sub and "kv.weight" in sub:  # a softmax (SRA or MSA) block: convert
             out.update({prefix + k: v for k, v in module.adapt_softmax_state(sub, report, prefix).items()})
         else:
