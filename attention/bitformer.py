@@ -19,7 +19,8 @@ not the authors' implementation. The choices made here:
   |z| <= 1); ``"packed"`` (inference) packs each code into one integer word of the narrowest width that holds T
   bits (int8/16/32/64) and computes XOR + popcount: on CPU with two fused C++ kernels (``csrc/xor_popcount.cpp``,
   compiled on first use and cached, :func:`bit_kernels`), elsewhere or without a compiler with vectorised
-  PyTorch code (bit packing by a carry-free multiply, a SWAR :func:`popcount`).
+  PyTorch code (bit packing by a carry-free multiply, a SWAR :func:`popcount`). Exported (ONNX), the packed path
+  is :func:`table_scores`: 16-bit words, BitwiseXor and a popcount lookup table, the same integer scores.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from .base import AttentionBase, OpCount
 
 SCORE_PATHS = ("float", "packed")
 MAX_BITS = 64
+EXPORT_WORD_BITS = 16  # word width of the exported graph's packed codes (one 2^16-entry popcount table)
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "xor_popcount.cpp"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what pack_sign_bits reads
 
@@ -201,16 +203,55 @@ def packed_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int, kerne
     return diff.mul_(-2).add_(bits)
 
 
+# (2^16, 1) int32: entry v is -2·popcount(v), an embedding table (an ONNX Gather) of every 16-bit word
+SCORE_TABLE = popcount(torch.arange(1 << EXPORT_WORD_BITS, dtype=torch.int32)).mul_(-2)[:, None]
+
+
+def pack_words16(codes: torch.Tensor) -> torch.Tensor:
+    """(..., T) reals -> (..., ⌈T/16⌉) int32 words of 16 bits: bit t of word c is set where codes[16c + t] >= 0.
+
+    Standard ops only (comparison, Where, ReduceSum), so it exports to ONNX; padding bits are 0.
+    """
+    bits = codes.shape[-1]
+    words = -(-bits // EXPORT_WORD_BITS)
+    padded = nn.functional.pad(codes, (0, words * EXPORT_WORD_BITS - bits), value=-1.0)  # -1: bit 0
+    ones = padded.unflatten(-1, (words, EXPORT_WORD_BITS)) >= 0
+    weights = 2 ** torch.arange(EXPORT_WORD_BITS, dtype=torch.int32, device=codes.device)
+    return torch.where(ones, weights, 0).sum(-1, dtype=torch.int32)
+
+
+def table_scores(zq: torch.Tensor, zk: torch.Tensor) -> torch.Tensor:
+    """The packed scores in export-friendly ops: (..., N, T), (..., M, T) -> (..., N, M) int32, equal to
+    ``bit_scores(zq, zk, "packed")``.
+
+        s_ij = T + Σ_c table[q_ic XOR k_jc],   table[v] = -2·popcount(v)
+
+    over the 16-bit words c of :func:`pack_words16`: BitwiseXor of the broadcast words and a popcount from a
+    2^16-entry lookup table (ONNX Gather; ONNX has no popcount). No product of the codes is formed.
+    """
+    q_words, k_words = pack_words16(zq), pack_words16(zk)
+    table = SCORE_TABLE.to(zq.device)
+    scores = None
+    for c in range(q_words.shape[-1]):
+        diff = q_words[..., c:c + 1] ^ k_words[..., c].unsqueeze(-2)                # (..., N, M)
+        term = nn.functional.embedding(diff, table).squeeze(-1)
+        scores = term if scores is None else scores + term
+    return scores + zq.shape[-1]
+
+
 def bit_scores(zq: torch.Tensor, zk: torch.Tensor, path: str = "float") -> torch.Tensor:
     """s_ij = sign(zq_i)·sign(zk_j): (..., N, T), (..., M, T) -> (..., N, M), integer-valued, |s| <= T.
 
     ``"float"``: ±1 codes (:func:`sign_ste`) multiplied as floats (dtype of ``zq``), exact and differentiable.
-    ``"packed"``: :func:`pack_bits` then :func:`packed_scores`, an integer tensor without gradient. The two are
-    bit-identical.
+    ``"packed"``: :func:`pack_bits` then :func:`packed_scores`, an integer tensor without gradient; while
+    exporting (``torch.export``, ``torch.onnx.export(dynamo=True)``) :func:`table_scores` instead, the same
+    integers from ops every ONNX runtime has. All are bit-identical.
     """
     if path == "float":
         return sign_ste(zq) @ sign_ste(zk).transpose(-1, -2)
     if path == "packed":
+        if torch.compiler.is_exporting():
+            return table_scores(zq, zk)
         return packed_scores(pack_bits(zq), pack_bits(zk), zq.shape[-1])
     raise ValueError(f"unknown score_path {path!r}; valid: {', '.join(SCORE_PATHS)}")
 

@@ -48,8 +48,18 @@ class SignSTE(torch.autograd.Function):
         return grad.masked_fill(y.abs() > 1, 0.0)
 
 
+def sign_by_comparison(y: torch.Tensor) -> torch.Tensor:
+    """copysign(1, y) from comparisons, for exported graphs (ONNX has no signbit, and its Sign(0) = 0): −1 where
+    y < 0 or y is −0.0 (1/y = −inf), else +1. Equal to :func:`sign_ste`'s forward for every y but NaN."""
+    one = torch.ones((), dtype=y.dtype, device=y.device)
+    return torch.where((y < 0) | (y.reciprocal() < 0), -one, one)
+
+
 def sign_ste(y: torch.Tensor) -> torch.Tensor:
-    """±1 codes of ``y`` with the straight-through (hardtanh) gradient."""
+    """±1 codes of ``y`` with the straight-through (hardtanh) gradient; :func:`sign_by_comparison` while exporting
+    (``torch.export``, ``torch.onnx.export(dynamo=True)``)."""
+    if torch.compiler.is_exporting():
+        return sign_by_comparison(y)
     if torch.is_grad_enabled() and y.requires_grad:
         return SignSTE.apply(y)
     return torch.copysign(torch.ones((), dtype=y.dtype, device=y.device), y)
