@@ -459,3 +459,22 @@ def test_mlp_frees_fc1_output_before_activation(b0):
         h1.remove()
         h2.remove()
     assert alive == [False]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mlp_depthwise_conv_keeps_the_token_layout(b0, batch):
+    """The depthwise conv reads the (B, N, C) tokens as NHWC in place and writes NHWC, so GELU and fc2 see contiguous
+    (B, N, C) tokens: at batch 1, timm's weight strides make it copy its input to NCHW (stage 0 at 896 px: ~2x
+    slower MLP). The weight's memory is the ordinary contiguous layout (state dicts unchanged)."""
+    mlp = b0.stages[0].blocks[0].mlp
+    layouts = []
+    handle = mlp.dwconv.register_forward_hook(
+        lambda mod, inp, out: layouts.append((out.is_contiguous(memory_format=torch.channels_last),
+                                              out.flatten(2).transpose(1, 2).is_contiguous())))
+    try:
+        with torch.no_grad():
+            b0(images(batch, 3, 64, 64))
+    finally:
+        handle.remove()
+    assert layouts == [(True, True)]
+    assert mlp.dwconv.weight.is_contiguous() and all(t.is_contiguous() for t in b0.state_dict().values())
