@@ -11,7 +11,7 @@
     python scripts/benchmark.py --replot a/scaling.csv b/scaling.csv --out c  # one log-log plot of several runs
 
 Parts (``PARTS``): ``models`` (all SETUPS, default 224 px), ``scaling`` (all SETUPS, 224/448/896 px),
-``ecoformer`` (EcoFormer, Bitformer float and timm at 224/448/896 px, plus the cost of one hash re-fit), ``bitformer``
+``ecoformer`` (EcoFormer, Bitformer float, softmax SRA and timm at 224/448/896 px, plus one hash re-fit), ``bitformer``
 (score kernels and attention modules at pvtv2_b0's stage shapes), ``deploy`` (``run(args) -> rows`` of
 scripts/bench_deploy.py, the ONNX export's). ``--setups`` replaces a model part's setups.
 
@@ -365,8 +365,10 @@ def part_scaling(args: argparse.Namespace) -> Tables:
 
 
 def part_ecoformer(args: argparse.Namespace) -> Tables:
-    """EcoFormer and Bitformer (float) against timm at ``--sizes`` (default 224, 448, 896 px), and a hash re-fit."""
-    rows = bench_models(args, args.setups or ["EcoFormer", "Bitformer float", TIMM], args.sizes or [224, 448, 896])
+    """EcoFormer, Bitformer (float) and softmax SRA (the same backbone with timm's attention) against timm at
+    ``--sizes`` (default 224, 448, 896 px), and a hash re-fit."""
+    rows = bench_models(args, args.setups or ["softmax SRA", "EcoFormer", "Bitformer float", TIMM],
+                        args.sizes or [224, 448, 896])
     return {"": rows, "hash": hash_cost(args, rows)}
 
 
@@ -484,7 +486,7 @@ def speed_table(rows: Sequence[Dict[str, object]], target: str = "EcoFormer") ->
     if target not in labels or TIMM not in labels:
         raise ValueError(f"the speed table needs rows of {target!r} and {TIMM!r}; these rows have {labels}")
     threads = sorted({int(r["threads"]) for r in rows})
-    others = [label for label in labels if label != TIMM]
+    others = [label for label in labels if label not in (TIMM, "softmax SRA")]  # softmax SRA's count is timm's
     head = (["px", "timm SRA mul (G)"] + [f"{label} mul (G)" for label in others] + [f"op-count limit, {target} vs timm"]
             + [f"{target} {mode} x timm, {t} thr (% of limit)" for t in threads for mode in MODES])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]

@@ -74,7 +74,8 @@ def test_speed_table_from_rows(bench):
                     infer_speed_vs_timm=infer, train_speed_vs_timm=train)
 
     rows = [row("timm", 896, 1, 18.44, 1.0, 1.0), row("EcoFormer", 896, 1, 9.16, 1.8, 1.5),
-            row("Bitformer float", 896, 1, 13.40, 1.0, 0.9), row("timm", 896, 2, 18.44, 1.0, 1.0),
+            row("Bitformer float", 896, 1, 13.40, 1.0, 0.9), row("softmax SRA", 896, 1, 18.44, 1.1, 1.0),
+            row("timm", 896, 2, 18.44, 1.0, 1.0),
             row("EcoFormer", 896, 2, 9.16, 1.6, math.nan)]
     lines = bench.speed_table(rows).splitlines()
     assert lines[0] == ("| px | timm SRA mul (G) | EcoFormer mul (G) | Bitformer float mul (G) | op-count limit, "
@@ -175,7 +176,7 @@ def test_quick_run_matches_the_energy_model(quick_run):
 def test_quick_run_ecoformer_part_and_hash_cost(quick_run):
     out, stdout = quick_run
     _, rows = read(out / "ecoformer.csv")
-    assert [r["label"] for r in rows] == ["EcoFormer", "Bitformer float", "timm"]
+    assert [r["label"] for r in rows] == ["softmax SRA", "EcoFormer", "Bitformer float", "timm"]
     columns, hashes = read(out / "ecoformer_hash.csv")
     assert columns == HASH_COLUMNS
     assert [(r["dataset"], r["img_size"], r["images_per_epoch"]) for r in hashes] == [
