@@ -68,9 +68,9 @@ def seed_everything(seed: int) -> None:
 
 
 def build_callbacks(cfg: DictConfig, model: nn.Module) -> List[Any]:
-    """The hash-learning callback when the model has EcoFormer layers (DESIGN §4), on fixed training images
-    (with the evaluation transform)."""
-    if not any(m.attn_name == "ecoformer" for _, m in model.attention_modules()):
+    """The hash-learning callback when the model has EcoFormer layers and ``hash.enabled`` (DESIGN §4), on fixed
+    training images (with the evaluation transform). ``hash.enabled=false`` keeps the initial random hash."""
+    if not cfg.hash.enabled or not any(m.attn_name == "ecoformer" for _, m in model.attention_modules()):
         return []
     from hashing import HashLearningCallback
 
@@ -79,9 +79,11 @@ def build_callbacks(cfg: DictConfig, model: nn.Module) -> List[Any]:
     count = min(int(cfg.hash.num_images), len(train_eval_ds))
     index = torch.randperm(len(train_eval_ds), generator=generator)[:count].tolist()
     images = torch.stack([train_eval_ds[i][0] for i in index])
-    return [HashLearningCallback(images, every_epochs=int(cfg.hash.every_epochs), max_tokens=int(cfg.hash.max_tokens),
+    max_tokens = None if cfg.hash.max_tokens is None else int(cfg.hash.max_tokens)
+    return [HashLearningCallback(images, every_epochs=int(cfg.hash.every_epochs), max_tokens=max_tokens,
                                  pairs=int(cfg.hash.pairs), steps=int(cfg.hash.steps), lr=float(cfg.hash.lr),
-                                 seed=int(cfg.hash.seed))]
+                                 seed=int(cfg.hash.seed),
+                                 target_rms=None if cfg.hash.target_rms is None else float(cfg.hash.target_rms))]
 
 
 def steps_per_epoch(cfg: DictConfig, loader: Any) -> int:

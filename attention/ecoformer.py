@@ -1,13 +1,18 @@
 """EcoFormer attention ("EcoFormer: Energy-Saving Attention with Linear Complexity", NeurIPS 2022; DESIGN §3).
 
 Per head, with one projection for queries and keys and ±1 codes h = H(u) of the unit vectors u = qk/‖qk‖
-(:class:`hashing.KernelizedHash`), the paper's linear attention with bias β = 2^⌈log₂(b+1)⌉:
+(:class:`hashing.KernelizedHash`), two formulas (option ``formula``):
 
-    out_n = [ h_nᵀ (Σ_j h_j v_jᵀ) + β Σ_j v_j ] / [ h_nᵀ (Σ_j h_j) + β N ]
+    paper    out_n = [ h_nᵀ (Σ_j h_j v_jᵀ) + β Σ_j v_j ] / [ h_nᵀ (Σ_j h_j) + β N ],   β = 2^⌈log₂(b+1)⌉ (32 at b = 16)
+    authors  out_n = [ h_nᵀ (Σ_j h_j v_jᵀ) + β' v_n   ] / [ h_nᵀ (Σ_j h_j) + β' N ],  β' = b + 1      (17 at b = 16)
 
-i.e. weights w_nj = (h_nᵀh_j + β) / Σ_j (h_nᵀh_j + β) > 0 that sum to one, in O(N·b·d) time and memory: no
-N×N matrix. No spatial reduction: all N tokens are keys. The hash is fitted by :mod:`hashing` (never by a
-forward pass), so a model in eval mode is a pure function of its state dict.
+``paper`` (the default) is the paper's Eq.: weights w_nj = (h_nᵀh_j + β) / Σ_j (h_nᵀh_j + β) > 0 that sum to
+one. ``authors`` is what their released code (ziplab/EcoFormer, pvt/performer.py and pvt/hashing/ksh.py)
+computes and what their checkpoints were trained with: the bias term adds the query token's own value (the
+weights h_nᵀh_j / D_n plus β'/D_n on j = n do not sum to one), and the kernel bandwidth σ is recomputed from
+each input, per image and head (``KernelizedHash(bandwidth="per_input")``). Both run in O(N·b·d) time and
+memory: no N×N matrix. No spatial reduction: all N tokens are keys. The hash is fitted by :mod:`hashing`
+(never by a forward pass), so a model in eval mode is a pure function of its state dict.
 """
 from __future__ import annotations
 
@@ -22,9 +27,13 @@ from . import register_attention
 from .base import AttentionBase, OpCount
 
 
-def attention_bias(bits: int) -> int:
-    """β = 2^⌈log₂(b+1)⌉ (32 for b = 16): the smallest power of two > b, so every h_nᵀh_j + β >= 1."""
-    return 1 << bits.bit_length()
+FORMULAS = ("paper", "authors")
+
+
+def attention_bias(bits: int, formula: str = "paper") -> int:
+    """``paper``: β = 2^⌈log₂(b+1)⌉ (32 for b = 16), the smallest power of two > b, so every h_nᵀh_j + β >= 1
+    and the product by β is a shift; ``authors``: β' = b + 1 (17 for b = 16)."""
+    return 1 << bits.bit_length() if formula == "paper" else bits + 1
 
 
 @register_attention("ecoformer")
@@ -39,22 +48,29 @@ class EcoFormerAttention(AttentionBase):
     Args:
         bits: hash bits b (1..64).
         anchors: RBF anchors m (>= 2).
+        formula: ``paper`` or ``authors`` (see the module docstring); ``count_ops`` is the same for both.
     """
 
     default_stages = (0, 1, 2)
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear: bool = False, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, bits: int = 16, anchors: int = 25) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, bits: int = 16, anchors: int = 25,
+                 formula: str = "paper") -> None:
         super().__init__(dim, num_heads)
+        if formula not in FORMULAS:
+            raise ValueError(f"formula={formula!r} is unknown; valid: {', '.join(FORMULAS)}")
         self.qk = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.hash = KernelizedHash(num_heads, self.head_dim, bits, anchors)
-        self.bits, self.num_anchors, self.beta = bits, anchors, attention_bias(bits)
+        self.hash = KernelizedHash(num_heads, self.head_dim, bits, anchors,
+                                   bandwidth="fixed" if formula == "paper" else "per_input")
+        self.bits, self.num_anchors, self.formula = bits, anchors, formula
+        self.beta = attention_bias(bits, formula)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.num_heads}, bits={self.bits}, anchors={self.num_anchors}, beta={self.beta}"
+        return (f"dim={self.dim}, heads={self.num_heads}, bits={self.bits}, anchors={self.num_anchors}, "
+                f"formula={self.formula}, beta={self.beta}")
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C)."""
@@ -70,16 +86,20 @@ class EcoFormerAttention(AttentionBase):
     def _attend(self, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """codes: (G, N, b) ±1, values: (G, N, d) -> (G, N, d) for G = heads·batch problems.
 
-        With h' = [h | 1]: summary = [[Σ_j h_j v_jᵀ, Σ_j h_j], [Σ_j v_jᵀ, N]] with its last row scaled by β, so
-        h'_n·summary = [numerator | denominator] of out_n. Float32 (or wider), autocast off.
+        With h' = [h | 1] and v' = [v | 1]: summary = h'ᵀv' = [[Σ_j h_j v_jᵀ, Σ_j h_j], [Σ_j v_jᵀ, N]], so
+        [numerator | denominator] of out_n = h_nᵀ·summary + β·([Σ_j v_j | N] (paper) or [v_n | N] (authors)).
+        Float32 (or wider), autocast off.
         """
         with torch.autocast(values.device.type, enabled=False):
             values = values.to(torch.promote_types(values.dtype, torch.float32))
-            codes = torch.cat([codes.to(values.dtype), values.new_ones(*codes.shape[:2], 1)], -1)
-            summary = torch.cat([codes.transpose(1, 2) @ values, codes.sum(1)[..., None]], -1)
-            row_scale = values.new_ones(self.bits + 1, 1)
-            row_scale[-1] = self.beta
-            out = codes @ (summary * row_scale)
+            G, N, _ = values.shape
+            codes = codes.to(values.dtype)
+            summary = codes.transpose(1, 2) @ torch.cat([values, values.new_ones(G, N, 1)], -1)  # (G, b, d + 1)
+            if self.formula == "paper":
+                bias_term = torch.cat([values.sum(1, keepdim=True), values.new_full((G, 1, 1), N)], -1)
+            else:
+                bias_term = torch.cat([values, values.new_full((G, N, 1), N)], -1)
+            out = torch.baddbmm(bias_term, codes, summary, beta=self.beta)
             return out[..., :-1] / out[..., -1:]
 
     def count_ops(self, feat_size: Sequence[int]) -> OpCount:

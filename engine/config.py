@@ -84,8 +84,9 @@ def validate_train_config(cfg: DictConfig) -> None:
            f"hash.every_epochs={cfg.hash.every_epochs}: tau must be >= 1 (re-fit every tau epochs)")
     _check(errors, int(cfg.hash.num_images) >= 1, f"hash.num_images={cfg.hash.num_images}: must be >= 1")
     _check(errors, int(cfg.hash.pairs) >= 1, f"hash.pairs={cfg.hash.pairs}: must be >= 1")
-    _check(errors, int(cfg.hash.max_tokens) >= 2 * int(cfg.hash.pairs),
-           f"hash.max_tokens={cfg.hash.max_tokens}: must be >= 2 * hash.pairs ({2 * int(cfg.hash.pairs)})")
+    _check(errors, cfg.hash.max_tokens is None or int(cfg.hash.max_tokens) >= 2 * int(cfg.hash.pairs),
+           f"hash.max_tokens={cfg.hash.max_tokens}: must be >= 2 * hash.pairs ({2 * int(cfg.hash.pairs)}), or null "
+           "for all tokens")
     _check(errors, float(cfg.hash.lr) > 0, f"hash.lr={cfg.hash.lr}: must be > 0")
     for key in ("init", "resume"):
         value = cfg.get(key)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .fit import HashFitStats, check_fit_options, check_pairs, fit_hash, subsample_tokens
+from .fit import STE_TARGET_RMS, HashFitStats, check_fit_options, check_pairs, fit_hash, subsample_tokens
 from .kernel_hash import KernelizedHash
 
 _logger = logging.getLogger(__name__)
@@ -39,31 +39,37 @@ class HashLearningCallback:
     Args:
         images: (n, 3, H, W) fixed training images (kept on CPU, moved to the model's device in batches).
         every_epochs: τ >= 1; fits at epochs 0, τ, 2τ, ...
-        max_tokens: tokens subsampled per image, bounding each problem to max_tokens² pairs.
+        max_tokens: tokens subsampled per image, bounding each problem to max_tokens² pairs; None: all tokens.
         pairs: l >= 1 similar and l dissimilar pairs per token; a layer with fewer than 2l tokens per image is
             fitted with l = tokens // 2.
         steps, lr, optimizer: gradient steps per bit and the step rule (see :func:`hashing.fit.fit_hash`).
+        target_rms: scale each fitted row of A to this RMS of y (same codes, live straight-through gradient);
+            None: no rescaling.
         seed: fits are deterministic for (seed, epoch).
         batch_size: images per forward pass.
     """
 
-    def __init__(self, images: torch.Tensor, every_epochs: int = 1, max_tokens: int = 256, pairs: int = 10,
+    def __init__(self, images: torch.Tensor, every_epochs: int = 1, max_tokens: Optional[int] = 256, pairs: int = 10,
                  steps: int = 100, lr: float = 0.3, seed: int = 0, batch_size: int = 32,
-                 optimizer: str = "adam") -> None:
+                 optimizer: str = "adam", target_rms: Optional[float] = STE_TARGET_RMS) -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a non-empty (n, C, H, W) tensor, got {shape}")
         if not isinstance(every_epochs, int) or every_epochs < 1:
             raise ValueError(f"every_epochs={every_epochs!r} is out of range: tau = every_epochs >= 1")
         check_pairs(pairs)
-        if not isinstance(max_tokens, int) or max_tokens < 2 * pairs:
-            raise ValueError(f"max_tokens={max_tokens!r} is out of range: max_tokens >= 2*pairs = {2 * pairs}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2 * pairs):
+            raise ValueError(f"max_tokens={max_tokens!r} is out of range: max_tokens >= 2*pairs = {2 * pairs} "
+                             "(or None for all tokens)")
         check_fit_options(steps, lr, optimizer)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is out of range: batch_size >= 1")
         self.images = images.detach().cpu()
         self.every_epochs, self.max_tokens, self.pairs = every_epochs, max_tokens, pairs
         self.steps, self.lr, self.optimizer, self.seed, self.batch_size = steps, lr, optimizer, seed, batch_size
+        if target_rms is not None and not target_rms > 0:
+            raise ValueError(f"target_rms={target_rms!r} is out of range: target_rms > 0, or None for no rescaling")
+        self.target_rms = target_rms
 
     def should_fit(self, epoch: int) -> bool:
         """True at epochs 0, τ, 2τ, ..."""
@@ -100,7 +106,8 @@ class HashLearningCallback:
                         if pairs < self.pairs:  # small token grids (e.g. 4x4 tokens of a 32 px image in stage 1)
                             _logger.info("%s has %d tokens per image: fitting with pairs=%d instead of %d", name,
                                          units.shape[1], pairs, self.pairs)
-                        fitted = fit_hash(hash_fn, units, pairs, self.steps, self.lr, self.optimizer, generator)
+                        fitted = fit_hash(hash_fn, units, pairs, self.steps, self.lr, self.optimizer, generator,
+                                          self.target_rms)
                         stats = torch.tensor(list(asdict(fitted).values()), dtype=torch.float64)
                     if distributed:
                         stats = stats.to(hash_fn.anchors.device)
@@ -112,10 +119,10 @@ class HashLearningCallback:
                     layer["seconds"] = time.perf_counter() - start
                     results[name] = layer
                     _logger.info("hash fit epoch %d %s: loss %.3f -> %.3f, top-%d agreement %.3f -> %.3f, "
-                                 "%d/%d heads updated, %.2fs", epoch, name, layer["loss_before"],
-                                 layer["loss_after"], self.pairs, layer["agreement_before"],
-                                 layer["agreement_after"], layer["heads_updated"], hash_fn.num_heads,
-                                 layer["seconds"])
+                                 "|y|<=1 share %.3f -> %.3f, %d/%d heads updated, %.2fs", epoch, name,
+                                 layer["loss_before"], layer["loss_after"], self.pairs, layer["agreement_before"],
+                                 layer["agreement_after"], layer["ste_share_before"], layer["ste_share_after"],
+                                 layer["heads_updated"], hash_fn.num_heads, layer["seconds"])
         finally:
             for module, mode in modes:
                 module.training = mode

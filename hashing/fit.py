@@ -9,9 +9,10 @@ row only if hard signs h = sign(K̄a) do better. R is never formed: R_r φ = b·
 (2l entries a row) and the previous bits P, so a step costs O(n·(l + m + b)) per problem, not O(n²). Only
 the targets and the agreement metric touch one n×n block, in chunks.
 
-Reported per fit: the loss mean((HHᵀ − bY)²) over all pairs and the top-l neighbour agreement (how many of
+Reported per fit: the loss mean((HHᵀ − bY)²) over all pairs, the top-l neighbour agreement (how many of
 a token's l most similar tokens by attention are among its l nearest by Hamming affinity, ties counted by
-their expected share), before and after.
+their expected share) and the share of pre-sign values y with |y| <= 1 (where the straight-through gradient
+passes), before and after.
 """
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ from typing import Optional, Tuple
 
 import torch
 
-from .kernel_hash import KernelizedHash
+from .kernel_hash import KernelizedHash, sign_ste
 
 _logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
 _CHUNK_ELEMENTS = 1 << 23  # n×n entries materialised at once by the targets and the agreement metric
 _ADAM_BETAS, _ADAM_EPS, _SGD_MOMENTUM = (0.9, 0.999), 1e-8, 0.9
+# RMS of the fitted pre-sign values y: ~90% of a Gaussian y lies in the STE window |y| <= 1 (the random initial
+# hash has ~100%), and on real CIFAR-100 features one fit changes the gradient reaching W_qk by 0.8-1.8x
+# (RMS 1: 1.4-2.8x, too strong; no rescaling: ~0.1x). tests/test_hash_scale.py pins both.
+STE_TARGET_RMS = 0.6
 
 
 def check_pairs(pairs: int, tokens: Optional[int] = None) -> None:
@@ -68,20 +73,24 @@ class PairTargets:
 
 @dataclass
 class HashFitStats:
-    """One layer's fit, averaged over heads. ``heads_updated``: heads whose new hash was kept."""
+    """One layer's fit, averaged over heads. ``heads_updated``: heads whose new hash was kept; ``ste_share_*``: share
+    of the fit tokens' pre-sign values with |y| <= 1."""
 
     loss_before: float
     loss_after: float
     agreement_before: float
     agreement_after: float
+    ste_share_before: float
+    ste_share_after: float
     heads_updated: int
 
 
-def subsample_tokens(units: torch.Tensor, max_tokens: int, generator: Optional[torch.Generator] = None,
+def subsample_tokens(units: torch.Tensor, max_tokens: Optional[int], generator: Optional[torch.Generator] = None,
                      ) -> torch.Tensor:
-    """units: (B, N, H, d) -> (B, min(N, max_tokens), H, d), a random subset of tokens per image (all if N fits)."""
+    """units: (B, N, H, d) -> (B, min(N, max_tokens), H, d), a random subset of tokens per image (all if N fits or
+    ``max_tokens`` is None)."""
     images, tokens = units.shape[:2]
-    if tokens <= max_tokens:
+    if max_tokens is None or tokens <= max_tokens:
         return units
     order = torch.rand(images, tokens, generator=generator).argsort(1)[:, :max_tokens].to(units.device)
     return units.gather(1, order[:, :, None, None].expand(-1, -1, *units.shape[2:]))
@@ -155,11 +164,15 @@ def neighbour_agreement(codes: torch.Tensor, similar: torch.Tensor) -> torch.Ten
 
 
 def _fit_projection(centred: torch.Tensor, y_sym: torch.Tensor, init: torch.Tensor, images: int, steps: int,
-                    lr: float, optimizer: str) -> torch.Tensor:
+                    lr: float, optimizer: str, target_rms: Optional[float] = STE_TARGET_RMS) -> torch.Tensor:
     """Greedy KSH over bits. centred: K̄ (H, I·n, m); init: A (H, b, m) -> the fitted A (H, b, m).
 
     Objective of bit r per head: J(a) = −mean_images φᵀ R_r φ / n², φ = tanh(K̄a / 2) = 2·sigmoid(K̄a) − 1,
     with the analytic gradient ∂J/∂a = −K̄ᵀ[(R_r + R_rᵀ)/2 φ ⊙ (1 − φ²)] / (I·n²) (no autograd graph).
+    ``target_rms`` (None: off): each kept row a_r is then scaled by target_rms / RMS(K̄a_r), so the pre-sign values
+    y = K̄a_r of the fit's tokens have that RMS. Codes sign(K̄a_r) are unchanged, but the straight-through
+    gradient (passed where |y| <= 1) stays alive: the steps above grow a_r by ~10x per fit, which leaves
+    |y| > 1 almost everywhere.
     """
     heads, tokens, _ = centred.shape
     bits = init.shape[1]
@@ -200,21 +213,28 @@ def _fit_projection(centred: torch.Tensor, y_sym: torch.Tensor, init: torch.Tens
         gains = torch.stack([(h * residual_times(h)).sum(-1) for h in signs])  # hᵀ R_r h, (2, H)
         better = (gains[1] > gains[0]).long()
         heads_idx = torch.arange(heads, device=centred.device)
-        projection[:, r] = candidates[better, heads_idx]
+        chosen = candidates[better, heads_idx]
+        if target_rms is not None:
+            rms = (centred @ chosen[..., None]).square().mean((1, 2)).sqrt()  # (H,)
+            chosen = chosen * (target_rms / torch.where(rms > 0, rms, torch.ones_like(rms)))[:, None]
+        projection[:, r] = chosen
         codes[..., r] = signs[better, heads_idx]
     return projection
 
 
 @torch.no_grad()
 def fit_hash(hash_fn: KernelizedHash, units: torch.Tensor, pairs: int = 10, steps: int = 100, lr: float = 0.3,
-             optimizer: str = "adam", generator: Optional[torch.Generator] = None) -> HashFitStats:
+             optimizer: str = "adam", generator: Optional[torch.Generator] = None,
+             target_rms: Optional[float] = STE_TARGET_RMS) -> HashFitStats:
     """Re-fit ``hash_fn`` in place on ``units`` (I, n, H, d): unit vectors of I images, n tokens each.
 
     New anchors (drawn from the tokens with ``generator``, a CPU generator: the fit is deterministic for its
-    seed), σ, μ and A (warm start from the current A). Per head, the new hash replaces the old one only if its
+    seed), σ, μ and A (warm start from the current A); a per-input-bandwidth hash fits κ with each image's own σ. Per head, the new hash replaces the old one only if its
     loss on these tokens is not higher; a non-finite result keeps the whole previous hash, with a warning.
     Step rule: Adam, lr 0.3 by default, makes the objective fall; the authors' SGD (Nesterov momentum 0.9) at lr 5e-4
-    barely moves A at this loss scale (mean over pairs), SGD needs lr ~5 here.
+    barely moves A at this loss scale (mean over pairs), SGD needs lr ~5 here. ``target_rms``: every fitted row
+    of A is scaled to that RMS of y on these tokens (same codes, live straight-through gradient; None: off; see
+    :func:`_fit_projection`).
     """
     check_fit_options(steps, lr, optimizer)
     images, n, heads, dim = units.shape
@@ -228,12 +248,15 @@ def fit_hash(hash_fn: KernelizedHash, units: torch.Tensor, pairs: int = 10, step
     u = units.detach().float().permute(2, 0, 1, 3).contiguous()  # (H, I, n, d)
     targets = attention_targets(u.view(heads * images, n, dim), pairs)
 
-    def evaluate(fn: KernelizedHash) -> Tuple[torch.Tensor, torch.Tensor]:
-        codes = fn(units).permute(2, 0, 1, 3).reshape(heads * images, n, -1)
+    def evaluate(fn: KernelizedHash) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, agreement, share of |y| <= 1), each (H,)."""
+        y = fn.project(units).permute(2, 0, 1, 3)  # (H, I, n, b)
+        codes = sign_ste(y).reshape(heads * images, n, -1)
         loss = code_loss(codes, targets).view(heads, images).mean(1)
-        return loss, neighbour_agreement(codes, targets.similar).view(heads, images).mean(1)
+        share = (y.abs() <= 1).flatten(1).float().mean(1)
+        return loss, neighbour_agreement(codes, targets.similar).view(heads, images).mean(1), share
 
-    loss_before, agreement_before = evaluate(hash_fn)
+    loss_before, agreement_before, share_before = evaluate(hash_fn)
 
     tokens = u.view(heads, images * n, dim)
     pick = torch.rand(heads, images * n, generator=generator).argsort(-1)[:, :m].to(u.device)
@@ -241,16 +264,20 @@ def fit_hash(hash_fn: KernelizedHash, units: torch.Tensor, pairs: int = 10, step
     sq_dist = (tokens.square().sum(-1, keepdim=True) + anchors.square().sum(-1)[:, None]
                - 2.0 * tokens @ anchors.transpose(1, 2)).clamp_min_(0.0)  # (H, I·n, m)
     bandwidth = sq_dist.mean((1, 2))
-    kernel = torch.exp(-sq_dist / (2.0 * bandwidth[:, None, None]))
+    if hash_fn.per_input_bandwidth:  # σ per image and head, as the forward computes it (the authors' code)
+        per_image = sq_dist.view(heads, images, n, m)
+        kernel = torch.exp(-per_image / (2.0 * per_image.mean((2, 3), keepdim=True))).view_as(sq_dist)
+    else:
+        kernel = torch.exp(-sq_dist / (2.0 * bandwidth[:, None, None]))
     kernel_mean = kernel.mean(1)
     projection = _fit_projection(kernel - kernel_mean[:, None], targets.y_sym, hash_fn.projection.float(),
-                                    images, steps, lr, optimizer)
+                                 images, steps, lr, optimizer, target_rms)
 
     candidate = copy.deepcopy(hash_fn)
     for name, value in (("anchors", anchors), ("projection", projection), ("kernel_mean", kernel_mean),
                         ("bandwidth", bandwidth)):
         getattr(candidate, name).copy_(value)
-    loss_after, agreement_after = evaluate(candidate)
+    loss_after, agreement_after, share_after = evaluate(candidate)
     finite = all(torch.isfinite(t).all() for t in (*candidate.buffers(), loss_after, agreement_after))
     if not finite:
         _logger.warning("hash fit gave non-finite values; keeping the previous hash")
@@ -262,5 +289,7 @@ def fit_hash(hash_fn: KernelizedHash, units: torch.Tensor, pairs: int = 10, step
         old.copy_(torch.where(mask, new, old))
     loss_after = torch.where(keep_new, loss_after, loss_before)
     agreement_after = torch.where(keep_new, agreement_after, agreement_before)
+    share_after = torch.where(keep_new, share_after, share_before)
     return HashFitStats(loss_before.mean().item(), loss_after.mean().item(), agreement_before.mean().item(),
-                        agreement_after.mean().item(), int(keep_new.sum()))
+                        agreement_after.mean().item(), share_before.mean().item(), share_after.mean().item(),
+                        int(keep_new.sum()))

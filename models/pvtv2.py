@@ -10,6 +10,7 @@ original PVT repository's, through timm's ``checkpoint_filter_fn``) load unchang
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -21,9 +22,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.pvt_v2 import checkpoint_filter_fn as timm_pvt_filter
 
 from attention import AttentionBase, create_attention, get_attention_class
+
+from .weights import to_timm_names, weight_layout
+
+_logger = logging.getLogger(__name__)
 
 MIN_INPUT_SIZE = 32
 
@@ -245,26 +249,34 @@ class PVTv2(nn.Module):
 # checkpoints -------------------------------------------------------------------------------------------------
 def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
                      ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]]]:
-    """Map a PVTv2 state dict (this project's, timm's, or the original PVT repository's) onto ``model``.
+    """Map a PVTv2 state dict (this project's, timm's, the original PVT repository's or the EcoFormer authors';
+    :func:`models.weights.to_timm_names`) onto ``model``.
 
-    Blocks whose attention keys already match the model are copied; otherwise each attention module converts
+    Blocks whose attention keys already match the model are copied (buffers the file lacks, such as the authors'
+    bandwidth σ, keep the model's own values and are reported as new); otherwise each attention module converts
     its softmax weights (``AttentionBase.adapt_softmax_state``: e.g. EcoFormer's qk <- q, v <- value half of kv).
     Returns the complete state dict for ``model`` and a report ``{"converted", "copied", "dropped", "new"}`` of
     keys. Mismatching non-attention shapes (another architecture) raise a ``ValueError`` naming them.
     """
-    state = timm_pvt_filter(dict(state), model)
+    authors = weight_layout(state) == "ecoformer_authors"
+    state = to_timm_names(state)
     report: Dict[str, List[str]] = defaultdict(list)
     own = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     attn_prefixes = [name + "." for name, _ in model.attention_modules()]
-    mismatched = []
+    mismatched, paper_formula = [], []
     for name, module in model.attention_modules():
         prefix = name + "."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         target = module.state_dict()
-        if sub.keys() == target.keys() and all(sub[k].shape == target[k].shape for k in sub):
-            out.update({prefix + k: v for k, v in sub.items()})
+        kept = set(target) - set(sub)
+        if (sub and set(sub) <= set(target) and kept <= {n for n, _ in module.named_buffers()}
+                and all(sub[k].shape == target[k].shape for k in sub)):
+            out.update({prefix + k: sub.get(k, target[k]) for k in target})
             report["copied"].extend(prefix + k for k in sub)
+            report["new"].extend(prefix + k for k in sorted(kept))
+            if authors and getattr(module, "formula", None) == "paper":
+                paper_formula.append(name)
         elif "q.weight" in sub and "kv.weight" in sub:  # a softmax (SRA or MSA) block: convert
             out.update({prefix + k: v for k, v in module.adapt_softmax_state(sub, report, prefix).items()})
         else:
@@ -286,6 +298,10 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
         else:
             out[key] = state[key]
             report["copied"].append(key)
+    if paper_formula:
+        _logger.warning("%d EcoFormer blocks get the EcoFormer authors' weights under formula=paper; they were trained "
+                        "with their formula: build the model with attn_kwargs={'formula': 'authors'} "
+                        "(attn.formula=authors)", len(paper_formula))
     extra = [k for k in state if k not in own and not any(k.startswith(p) for p in attn_prefixes)]
     if mismatched or len(report["new"]) > 0.5 * len(own):
         raise ValueError("checkpoint does not fit this model (another architecture or attention?): "

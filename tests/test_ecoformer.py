@@ -79,6 +79,42 @@ def test_linear_attention_equals_explicit_weighted_sum(heads):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+def test_authors_formula_equals_their_explicit_sum(heads):
+    """formula=authors: out_n = (Σ_j (h_n·h_j) v_j + β' v_n) / (Σ_j h_n·h_j + β' N), β' = b + 1, with the kernel
+    bandwidth of every image and head recomputed from its own tokens."""
+    torch.manual_seed(0)
+    attn = EcoFormerAttention(16 * heads, heads, bits=8, anchors=5, formula="authors").double().eval()
+    assert attn.beta == 9
+    x = torch.randn(2, 30, 16 * heads, dtype=torch.float64)
+    captured = {}
+    attn.hash.register_forward_hook(lambda module, args, out: captured.update(codes=out, z=args[0]))
+    out = attn(x, (5, 6))
+
+    u = F.normalize(captured["z"].double(), dim=-1)  # (B, N, H, d)
+    sq_dist = (u[..., None, :] - attn.hash.anchors.double()).square().sum(-1)  # (B, N, H, m)
+    sigma = sq_dist.mean((1, 3), keepdim=True)  # per image and head
+    kernel = torch.exp(-sq_dist / (2 * sigma)) - attn.hash.kernel_mean.double()
+    y = torch.einsum("hkm,bnhm->bnhk", attn.hash.projection.double(), kernel)
+    codes = captured["codes"].double()
+    confident = y.abs() > 1e-4  # the hash runs in float32
+    assert torch.equal(codes[confident], torch.sign(y)[confident])
+    similarity = torch.einsum("bnhk,bmhk->bhnm", codes, codes)
+    values = attn.v(x).view(2, 30, heads, 16)
+    numerator = torch.einsum("bhnm,bmhd->bnhd", similarity, values) + attn.beta * values
+    denominator = similarity.sum(-1).transpose(1, 2)[..., None] + attn.beta * 30
+    expected = attn.proj((numerator / denominator).reshape(2, 30, -1))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_per_input_bandwidth_fit_lowers_the_loss():
+    units = clustered_units(images=4, tokens=64, heads=2, dim=16)
+    hash_fn = KernelizedHash(2, 16, bits=8, anchors=6, bandwidth="per_input")
+    stats = fit_hash(hash_fn, units, pairs=4, steps=30, generator=torch.Generator().manual_seed(0))
+    assert stats.loss_after < stats.loss_before and stats.heads_updated >= 1
+    assert 0.5 <= stats.ste_share_after <= 1.0
+
+
 def test_weights_sum_to_one_constant_values_pass_through():
     attn = EcoFormerAttention(32, 2, bits=16).eval()
     with torch.no_grad():
@@ -263,8 +299,8 @@ def test_callback_fits_layers_in_forward_order_on_new_hashes(monkeypatch, caplog
     layers = [name for name, m in model.attention_modules() if isinstance(m, EcoFormerAttention)]
     assert list(stats) == layers and len(layers) == 3
     for layer in stats.values():
-        assert set(layer) == {"loss_before", "loss_after", "agreement_before", "agreement_after", "heads_updated",
-                              "seconds"}
+        assert set(layer) == {"loss_before", "loss_after", "agreement_before", "agreement_after", "ste_share_before",
+                              "ste_share_after", "heads_updated", "seconds"}
         assert layer["loss_after"] <= layer["loss_before"]
     final = hash_state(model)
     for k, layer in enumerate(layers):
@@ -366,6 +402,7 @@ def test_adapt_softmax_state(sr):
     (dict(bits=0), r"bits=0 .*1 <= bits <= 64"),
     (dict(bits=65), r"bits=65 .*1 <= bits <= 64"),
     (dict(anchors=1), r"anchors=1 .*anchors >= 2"),
+    (dict(formula="theirs"), r"formula='theirs' is unknown; valid: paper, authors"),
 ])
 def test_attention_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
