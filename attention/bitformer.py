@@ -18,10 +18,11 @@ not the authors' implementation. The choices made here:
   ±1 codes as floats, exact because |s| <= T, with a straight-through estimator for sign (gradient passed where
   |z| <= 1); in the module it folds alpha_i·gamma/√T into the query codes and beta_j into the key codes, so the
   logits are one product that ``F.scaled_dot_product_attention`` computes with its fused kernels, without
-  storing the N x M scores (:meth:`BitformerAttention.fused_attention`); ``"packed"`` (inference) packs each code into one integer word of the narrowest width that holds T
-  bits (int8/16/32/64) and computes XOR + popcount: on CPU with two fused C++ kernels (``csrc/xor_popcount.cpp``,
-  compiled on first use and cached, :func:`bit_kernels`), elsewhere or without a compiler with vectorised
-  PyTorch code (bit packing by a carry-free multiply, a SWAR :func:`popcount`).
+  storing the N x M scores (:meth:`BitformerAttention.fused_attention`); ``"packed"`` (inference) packs each code
+  into one integer word of the narrowest width that holds T bits (int8/16/32/64) and computes XOR + popcount: on
+  CPU with two fused C++ kernels (``csrc/xor_popcount.cpp``, compiled on first use and cached,
+  :func:`bit_kernels`), elsewhere or without a compiler with vectorised PyTorch code (bit packing by a carry-free
+  multiply, a SWAR :func:`popcount`).
 """
 from __future__ import annotations
 

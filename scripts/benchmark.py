@@ -487,7 +487,8 @@ def speed_table(rows: Sequence[Dict[str, object]], target: str = "EcoFormer") ->
         raise ValueError(f"the speed table needs rows of {target!r} and {TIMM!r}; these rows have {labels}")
     threads = sorted({int(r["threads"]) for r in rows})
     others = [label for label in labels if label not in (TIMM, "softmax SRA")]  # softmax SRA's count is timm's
-    head = (["px", "timm SRA mul (G)"] + [f"{label} mul (G)" for label in others] + [f"op-count limit, {target} vs timm"]
+    head = (["px", "timm SRA mul (G)"] + [f"{label} mul (G)" for label in others]
+            + [f"op-count limit, {target} vs timm"]
             + [f"{target} {mode} x timm, {t} thr (% of limit)" for t in threads for mode in MODES])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]
     for size in sorted({int(r["size"]) for r in rows}):

@@ -91,7 +91,8 @@ def summary(out: str) -> int:
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                   torch=torch.__version__, cuda=torch.version.cuda, total_seconds=sum(s["seconds"] for s in steps),
                   steps=steps, hash_fit=_json(os.path.join(out, "hash_fit.json")),
-                  eval={name: _json(os.path.join(out, f"eval_{name}.json")) for name in ("ecoformer", "bitformer_packed")},
+                  eval={name: _json(os.path.join(out, f"eval_{name}.json"))
+                        for name in ("ecoformer", "bitformer_packed")},
                   benchmark=bench)
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
