@@ -21,7 +21,8 @@ peak MB per image against stage-0 tokens).
 
 Timing (:func:`time_interleaved`, the one helper): after a warm-up call, ``--repeats`` rounds call every step in
 turn, the order reversed every other round, so that drift of a shared machine hits all alike; the median seconds per
-call are kept, and ratios are taken between steps of the same process. CPU: ``time.perf_counter``, float32.
+call are kept, and ratios are taken between steps of the same process. CPU: ``time.perf_counter`` (``--clock cpu``:
+process CPU time, for one thread on a busy machine), float32.
 CUDA (``--device cuda``): CUDA events recorded around the calls (synchronised first), bf16 autocast for the models,
 peak memory from ``torch.cuda.max_memory_allocated``. ``--threads 1,2`` repeats every measurement per torch thread
 count (rows carry ``threads``).
@@ -114,9 +115,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(step: Step, calls: int, device: torch.device) -> float:
-    """Seconds per call of ``calls`` back-to-back calls. CPU: perf_counter; CUDA: CUDA events recorded around the
-    calls after a synchronize, read once the end event has completed."""
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_calls(step: Step, calls: int, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of ``calls`` back-to-back calls. CPU: ``clock`` (wall: perf_counter; cpu: this process's
+    CPU time, user + system); CUDA: CUDA events recorded around the calls after a synchronize, read once the end
+    event has completed."""
     sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -126,14 +131,14 @@ def time_calls(step: Step, calls: int, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / calls
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(calls):
         step()
-    return (time.perf_counter() - t0) / calls
+    return (clock() - t0) / calls
 
 
 def time_interleaved(steps: Dict[str, Step], repeats: int, device: torch.device, warmup: bool = True,
-                     min_round_s: float = 0.0) -> Dict[str, float]:
+                     min_round_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median seconds per call of each step over ``repeats`` interleaved rounds; ratios of its results are
     same-process ratios.
 
@@ -144,13 +149,13 @@ def time_interleaved(steps: Dict[str, Step], repeats: int, device: torch.device,
     calls = {name: 1 for name in steps}
     if warmup:
         for name, step in steps.items():
-            first = time_calls(step, 1, device)
+            first = time_calls(step, 1, device, clock)
             calls[name] = max(1, math.ceil(min_round_s / max(first, 1e-9))) if min_round_s > 0 else 1
     times: Dict[str, List[float]] = {name: [] for name in steps}
     order = list(steps)
     for r in range(repeats):
         for name in (order if r % 2 == 0 else order[::-1]):
-            times[name].append(time_calls(steps[name], calls[name], device))
+            times[name].append(time_calls(steps[name], calls[name], device, clock))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -293,7 +298,7 @@ def bench_size(labels: Sequence[str], args: argparse.Namespace, size: int) -> Li
                 memory.start()
                 step()
                 setattr(mine[label], f"{mode}_mem_mb", memory.peak_mb())
-            seconds = time_interleaved(steps, args.repeats, device, warmup=False)
+            seconds = time_interleaved(steps, args.repeats, device, warmup=False, clock=CLOCKS[args.clock])
             for label, s in seconds.items():
                 setattr(mine[label], f"{mode}_img_s", batch / s)
                 log.info("%-16s %4d px %d thr %s: %.2f img/s, peak %.0f MB", label, size, threads, mode, batch / s,
@@ -335,7 +340,7 @@ def hash_cost(args: argparse.Namespace, rows: List[Dict[str, object]]) -> List[D
         model = build("EcoFormer", args.model, args.device)
         fixed = torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(0))
         callback = HashLearningCallback(fixed, **dict(settings, pairs=pairs))
-        fit = time_calls(lambda: callback.on_epoch_start(model, 0), 1, args.device)
+        fit = time_calls(lambda: callback.on_epoch_start(model, 0), 1, args.device, CLOCKS[args.clock])
         measured = [r["train_img_s"] for r in rows if r["label"] == "EcoFormer" and r["size"] == size
                     and r["threads"] == args.threads[0] and math.isfinite(r["train_img_s"])]
         if measured:
@@ -344,7 +349,8 @@ def hash_cost(args: argparse.Namespace, rows: List[Dict[str, object]]) -> List[D
             batch = batch_for(size, args.batch)
             x, y = torch.randn(batch, 3, size, size).to(args.device), torch.randint(0, NUM_CLASSES, (batch,))
             step = make_step(model, "train", x, y.to(args.device))
-            speed = batch / time_interleaved({"train": step}, args.repeats, args.device)["train"]
+            speed = batch / time_interleaved({"train": step}, args.repeats, args.device,
+                                             clock=CLOCKS[args.clock])["train"]
         epoch = images / speed
         out.append(dict(dataset=dataset, img_size=size, images_per_epoch=images, threads=args.threads[0],
                         fit_s=fit, train_img_s=speed, epoch_train_s=epoch, fit_share=fit / (fit + epoch),
@@ -420,7 +426,8 @@ def part_bitformer(args: argparse.Namespace) -> Tables:
                 }
                 with torch.no_grad():
                     us = {name: 1e6 * t for name, t in
-                          time_interleaved(steps, args.repeats, device, min_round_s=min_round_s).items()}
+                          time_interleaved(steps, args.repeats, device, min_round_s=min_round_s,
+                                           clock=CLOCKS[args.clock]).items()}
                 nbytes = [sum(t.numel() * t.element_size() for t in ts) / 1024 for ts in
                           ((q_words, k_words, packed_scores(q_words, k_words, bits)), (q_codes, k_codes, exact),
                            (q, k, exact))]
@@ -607,6 +614,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int_list, default=None,
                         help="comma list of torch thread counts, each measured in turn (default: torch's choice)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="CPU timing: wall (perf_counter) or cpu (process CPU time: with --threads 1, robust to "
+                             "other processes taking the cores; with more threads it sums them)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and batches, 1 round, hash fit on 8 images with 2 steps per bit")
     parser.add_argument("--markdown", nargs="+", metavar="CSV", default=None,
@@ -652,8 +662,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.sizes = [32, 64]
     args.batch = args.batch or (2 if args.quick else 64 if args.device.type == "cuda" else 8)
     args.repeats = args.repeats or (1 if args.quick else 5)
-    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else
-             f"CPU, {'/'.join(map(str, args.threads))} thread(s)")
+    where = (torch.cuda.get_device_name(args.device) + ", CUDA events" if args.device.type == "cuda" else
+             f"CPU, {'/'.join(map(str, args.threads))} thread(s), {args.clock} clock")
     header = (f"{args.model} vs timm {args.model.replace('pvtv2_', 'pvt_v2_')}: torch {torch.__version__}, timm "
               f"{timm.__version__}, {where}; median of {args.repeats} interleaved rounds; batch {args.batch} at <= 224 "
               f"px, scaled by (224/px)^2 above; peak memory "

@@ -40,7 +40,7 @@ def test_tokens_and_batches(bench):
     assert bench.ratio(3.0, 2.0) == 1.5 and math.isnan(bench.ratio(1.0, 0.0))
 
 
-def test_time_interleaved_alternates_the_order_and_takes_medians(bench, monkeypatch):
+def test_time_interleaved_alternates_the_order_and_takes_medians(bench):
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     seconds = bench.time_interleaved(steps, 3, torch.device("cpu"))
@@ -52,20 +52,21 @@ def test_time_interleaved_alternates_the_order_and_takes_medians(bench, monkeypa
     def step():
         clock[0] += next(durations)
 
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
-    assert bench.time_interleaved({"x": step}, 3, torch.device("cpu"), warmup=False) == {"x": pytest.approx(0.02)}
+    seconds = bench.time_interleaved({"x": step}, 3, torch.device("cpu"), warmup=False, clock=lambda: clock[0])
+    assert seconds == {"x": pytest.approx(0.02)}
+    assert bench.CLOCKS["cpu"] is time.process_time and bench.parse_args(["--clock", "cpu"]).clock == "cpu"
 
 
 def test_time_interleaved_calibrates_calls_per_round(bench):
-    count = [0]
+    clock, count = [0.0], [0]
 
-    def step():
+    def step():  # 1 ms per call on the fake clock
         count[0] += 1
-        time.sleep(0.001)
+        clock[0] += 0.001
 
-    seconds = bench.time_interleaved({"sleep": step}, 2, torch.device("cpu"), min_round_s=0.02)
-    assert count[0] > 1 + 2 * 2  # the warm-up call set several calls per round
-    assert 0.0009 < seconds["sleep"] < 0.05
+    seconds = bench.time_interleaved({"op": step}, 2, torch.device("cpu"), min_round_s=0.02, clock=lambda: clock[0])
+    assert count[0] == 1 + 2 * 20  # the warm-up call set 20 calls per round
+    assert seconds == {"op": pytest.approx(0.001)}
 
 
 def test_speed_table_from_rows(bench):
