@@ -278,7 +278,7 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
             report["new"].extend(prefix + k for k in sorted(kept))
             if authors and getattr(module, "formula", None) == "paper":
                 paper_formula.append(name)
-        elif module.attn_name == "softmax" and "q.weight" in sub:  # softmax into softmax must match exactly
+        elif module.attn_name == "softmax" and "q.weight" in sub and ("sr.weight" in sub) != ("sr.weight" in target):
             has_sr = "sr.weight" in sub
             mismatched.append(f"{prefix[:-1]}: the checkpoint's softmax block {'has' if has_sr else 'has no'} spatial "
                               f"reduction ({'SRA' if has_sr else 'full MSA'}); build the model with "
