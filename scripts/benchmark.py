@@ -333,7 +333,6 @@ def hash_cost(args: argparse.Namespace, rows: List[Dict[str, object]]) -> List[D
     settings.pop("enabled")  # the benchmark measures a re-fit whatever the training default
     num_images = settings.pop("num_images")
     pairs = settings.pop("pairs")
-    settings.pop("enabled")  # a train.py switch, not a fit setting
     if args.quick:  # smoke run: 8 images (25 anchors need >= 25 tokens at 32 px), 2 steps per bit
         num_images, settings["steps"] = 8, 2
     torch.set_num_threads(args.threads[0])
