@@ -4,7 +4,6 @@
     python eval.py ckpt=outputs/.../checkpoints/best.ckpt                       # data from the checkpoint
     python eval.py ckpt=best.ckpt data.root=DIR data.batch_size=256 use_ema=true results=res.json
     python eval.py ckpt=pvt_v2_b0.pth model=pvtv2_b0 data=imagenet data.root=DIR   # timm / original-PVT weights
-    python eval.py ckpt=best.onnx data.root=DIR          # an export.py file, run by onnxruntime (runtime: onnxruntime)
 """
 from __future__ import annotations
 
@@ -16,12 +15,13 @@ from typing import Any, Dict
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from attention.bitformer import bit_kernels
 from engine import deploy
 from engine.config import ConfigError, validate_data_config
-from engine.data import build_dataset, build_loader, build_transform
+from engine.data import build_dataset, build_loader, build_transform, num_classes_of
+from engine.errors import reported_errors
 from engine.evaluate import amp_dtype, evaluate, resolve_device
 from engine.restore import load_model, resolve_data
 
@@ -30,24 +30,34 @@ log = logging.getLogger("eval")
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> Dict[str, Any]:
+    with reported_errors(log):
+        return evaluate_checkpoint(cfg)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
     onnx_file = str(cfg.ckpt).endswith(".onnx")
-    try:
-        if onnx_file:  # an export.py file: onnxruntime, preprocessing and description from its metadata
+    if onnx_file:  # an export.py file: onnxruntime, preprocessing and description from its metadata
+        try:
             model, train_cfg, info = deploy.load_onnx(str(cfg.ckpt))
             data_cfg = deploy.apply_preprocessing(resolve_data(cfg, train_cfg), info.pop("preprocessing"))
-        else:
-            model, train_cfg, info = load_model(cfg)
-            info.update(runtime="pytorch", use_ema=bool(cfg.use_ema))
-            data_cfg = resolve_data(cfg, train_cfg)
-        errors: list = []
-        validate_data_config(data_cfg, errors)
-        if errors:
-            raise ConfigError("invalid data configuration:\n  " + "\n  ".join(errors))
-    except (ConfigError, deploy.DeployError) as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+        except deploy.DeployError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        model, train_cfg, info = load_model(cfg)
+        info.update(runtime="pytorch", use_ema=bool(cfg.use_ema))
+        data_cfg = resolve_data(cfg, train_cfg)
+    errors: list = []
+    validate_data_config(data_cfg, errors)
+    if errors:
+        raise ConfigError("invalid data configuration:\n  " + "\n  ".join(errors))
     device = torch.device("cpu") if onnx_file else resolve_device(cfg.device)
-    dataset = build_dataset(data_cfg, False, build_transform(data_cfg, train=False))
+    # folder datasets: labels through the training class index (unknown class folders fail, listed)
+    dataset = build_dataset(data_cfg, False, build_transform(data_cfg, train=False), info.pop("classes", None))
+    data_classes = num_classes_of(data_cfg, dataset)
+    if getattr(model, "num_classes", data_classes) != data_classes:
+        raise ConfigError(f"{cfg.ckpt} predicts {model.num_classes} classes but data={data_cfg.name} "
+                          f"(root {data_cfg.get('root')}) has {data_classes}; evaluate it on the classes it was "
+                          "trained for")
     loader = build_loader(data_cfg, dataset, False, 0, 1, 0)
     model.to(device)
     if device.type == "cpu" and any(getattr(m, "score_path", None) == "packed" for m in model.modules()):

@@ -3,17 +3,21 @@
 
     python train.py model=pvtv2_b0 attn=ecoformer data=cifar100 data.root=DIR
     python train.py -m attn=softmax,bitformer,ecoformer seed=0,1          # a sweep, one folder per job
+    python train.py -m hparams_search=ecoformer_hash hydra/launcher=joblib  # Optuna search, parallel jobs (README)
     torchrun --nproc_per_node=N train.py ...                             # DistributedDataParallel
 
-Read top to bottom: config checks, distributed set-up, data, model, optimizer/scheduler/EMA, resume, then the
-epoch loop (hash re-fit callbacks -> train_one_epoch -> evaluate -> metrics.jsonl / checkpoints).
+Read top to bottom: config checks, distributed set-up and the run folder's lock, data, model, optimizer/scheduler/
+EMA, resume, the run folder (completed, recorded), then the epoch loop (hash re-fit callbacks -> train_one_epoch ->
+evaluate -> checkpoints / metrics.jsonl, engine/run_folder.py). Nothing in the run folder changes before the config,
+the data and the resume checkpoint are checked.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -31,12 +35,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt_io
+from engine import sweep
 from engine.build import build_model, load_optimizer_state, optimizer_args
-from engine.config import ConfigError, check_writable, validate_train_config
-from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform,
+from engine.config import ConfigError, check_writable, config_differences, misfit_message, validate_train_config
+from engine.data import (bad_image_count, build_dataset, build_loader, build_mixup, build_transform, class_names,
                          num_classes_of)
+from engine.errors import reported_errors
 from engine.evaluate import amp_dtype, autocast, evaluate, resolve_device
+from engine.run_folder import RunFolder
 from models import adapt_state_dict, load_checkpoint_state
+from models.weights import CheckpointError
 
 log = logging.getLogger("train")
 
@@ -164,8 +172,9 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Any, criterion: nn.Mod
                           torch.tensor(float(seen), dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "images_per_s": totals[2].item() / seconds,
-            "seconds": seconds, "skipped_steps": skipped}
+    train_loss = (totals[0] / totals[1]).item() if totals[1] > 0 else None  # None: every update was skipped
+    return {"train_loss": train_loss, "images_per_s": totals[2].item() / seconds, "seconds": seconds,
+            "skipped_steps": skipped}
 
 
 def check_buffers_in_sync(model: nn.Module) -> None:
@@ -181,28 +190,39 @@ def check_buffers_in_sync(model: nn.Module) -> None:
     log.info("hash buffers identical on %d ranks", dist.get_world_size())
 
 
-def resolve_resume(cfg: DictConfig, run_dir: str) -> Optional[str]:
-    if cfg.resume == "auto":
-        path = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        return path if os.path.isfile(path) else None
-    return cfg.resume
+def end_of_run(best_top1: float) -> float:
+    """Close the process group; stop with status 3 when no epoch had a finite result (all skipped)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if best_top1 < 0:
+        log.error("no epoch of this run had finite results (every one was skipped, see metrics.jsonl), so there is "
+                  "no best.ckpt; lower optim.lr or set grad_clip")
+        raise SystemExit(3)
+    return best_top1
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@sweep.job  # scheduler rank variables; in a sweep: joblib slot, failures raised for Hydra / Optuna
 def main(cfg: DictConfig) -> Optional[float]:
-    run_dir = HydraConfig.get().runtime.output_dir
+    folder = RunFolder(HydraConfig.get().runtime.output_dir)
     try:
-        validate_train_config(cfg)
-        check_writable(os.path.join(run_dir, "checkpoints"))
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+        with reported_errors(log):
+            return train(cfg, folder)
+    finally:
+        folder.unlock()
+
+
+def train(cfg: DictConfig, folder: RunFolder) -> Optional[float]:
+    validate_train_config(cfg)
     rank, world_size, device = setup_distributed(cfg.device)
+    run_dir = folder.path
+    if rank == 0:  # one writer per run folder, before anything is written: a second run stops here naming this one
+        folder.lock()
     dtype = amp_dtype(cfg.amp, device)
     seed_everything(int(cfg.seed) + rank)
-    resume_path = resolve_resume(cfg, run_dir)
+    resume_path = folder.resume_path(cfg.resume)
+    resume_state = ckpt_io.load_training_state(resume_path) if resume_path else None
     if rank == 0:
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
         log.info("run folder %s (%d process%s, %s, amp %s)", run_dir, world_size, "es" * (world_size > 1), device,
                  dtype)
 
@@ -210,12 +230,13 @@ def main(cfg: DictConfig) -> Optional[float]:
     if world_size > 1 and rank != 0:
         dist.barrier()  # rank 0 downloads (data.download=true) and checks the data first
     train_ds = build_dataset(cfg.data, True, build_transform(cfg.data, train=True))
-    val_ds = build_dataset(cfg.data, False, build_transform(cfg.data, train=False))
+    classes = class_names(train_ds)  # validation labels follow the training split's class index
+    val_ds = build_dataset(cfg.data, False, build_transform(cfg.data, train=False), classes)
     if world_size > 1 and rank == 0:
         dist.barrier()
     if len(train_ds) // world_size < int(cfg.data.batch_size):
-        raise SystemExit(f"data.batch_size={cfg.data.batch_size} is larger than the training set per process "
-                         f"({len(train_ds) // world_size} images); lower data.batch_size")
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set per process "
+                          f"({len(train_ds) // world_size} images); lower data.batch_size")
     num_classes = num_classes_of(cfg.data, train_ds)
     train_loader = build_loader(cfg.data, train_ds, True, rank, world_size, int(cfg.seed))
     val_loader = build_loader(cfg.data, val_ds, False, rank, world_size, int(cfg.seed))
@@ -230,7 +251,10 @@ def main(cfg: DictConfig) -> Optional[float]:
     # model -----------------------------------------------------------------------------------------------------
     model = build_model(cfg.model, cfg.attn, num_classes, load_pretrained=resume_path is None)
     if cfg.init and not resume_path:
-        adapted, report = adapt_state_dict(load_checkpoint_state(cfg.init), model)
+        try:
+            adapted, report = adapt_state_dict(load_checkpoint_state(cfg.init), model)
+        except ValueError as err:
+            raise CheckpointError(f"init={cfg.init}: {err}") from None
         model.load_state_dict(adapted)
         log.info("init from %s: %s", cfg.init, {k: len(v) for k, v in report.items()})
     callbacks = build_callbacks(cfg, model)
@@ -244,7 +268,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     # optimizer, schedule, EMA, AMP scaler --------------------------------------------------------------------------
     updates_per_epoch = steps_per_epoch(cfg, train_loader) // int(cfg.grad_accum)
     if updates_per_epoch < 1:
-        raise SystemExit(f"grad_accum={cfg.grad_accum} is larger than the {steps_per_epoch(cfg, train_loader)} steps "
+        raise ConfigError(f"grad_accum={cfg.grad_accum} is larger than the {steps_per_epoch(cfg, train_loader)} steps "
                          "of an epoch; lower grad_accum or data.batch_size")
     lr = float(cfg.optim.lr)
     if cfg.optim.lr_base_batch:
@@ -263,11 +287,21 @@ def main(cfg: DictConfig) -> Optional[float]:
            if cfg.ema.enabled else None)
 
     # resume ----------------------------------------------------------------------------------------------------
-    start_epoch, best_top1 = 0, -1.0
-    if resume_path:
-        state = ckpt_io.load(resume_path)
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
+    start_epoch, best_top1, best_epoch = 0, -1.0, None
+    if resume_state:
+        state, requested = resume_state, OmegaConf.to_container(cfg, resolve=True)
+        if state.get("classes") and classes and state["classes"] != classes:
+            raise CheckpointError(f"resume={resume_path}: the class folders changed since it was written (now "
+                                  f"{len(classes)}, then {len(state['classes'])}; labels would shift); restore them or "
+                                  "train in another folder with hydra.run.dir=DIR")
+        try:
+            model.load_state_dict(state["model"])
+            load_optimizer_state(optimizer, state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(misfit_message(resume_path, state.get("config"), requested, err)) from None
+        changed = config_differences(state.get("config") or {}, requested)
+        if changed and rank == 0:
+            log.info("resuming with changed settings: %s", "; ".join(changed))
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -279,8 +313,19 @@ def main(cfg: DictConfig) -> Optional[float]:
         ckpt_io.set_rng_state(state["rng"])
         if rank != 0:  # each rank continues its own stream
             torch.manual_seed(int(cfg.seed) + rank + 1000 * int(state["epoch"]))
-        start_epoch, best_top1 = int(state["epoch"]), float(state["best_top1"])
+        start_epoch, best_top1, best_epoch = int(state["epoch"]), float(state["best_top1"]), state.get("best_epoch")
         log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+
+    # the run folder: complete the last epoch of a killed run, stop here if the run is done, record the config ------
+    if rank == 0:
+        check_writable(folder.ckpt_dir)
+        folder.recover(resume_state if resume_path == folder.last else None)
+    if start_epoch >= int(cfg.epochs):
+        log.info("%s: the run is finished (%d epochs, epochs=%d); nothing to do. Raise epochs to train on", run_dir,
+                 start_epoch, int(cfg.epochs))
+        return end_of_run(best_top1)
+    if rank == 0:
+        folder.open(cfg, HydraConfig.get())
 
     train_model: nn.Module = model
     if cfg.compile:
@@ -300,7 +345,6 @@ def main(cfg: DictConfig) -> Optional[float]:
                                settings=wandb.Settings(init_timeout=30))
 
     # epochs ----------------------------------------------------------------------------------------------------
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
     for epoch in range(start_epoch, int(cfg.epochs)):
         train_loader.sampler.set_epoch(epoch)
         record: Dict[str, Any] = {"epoch": epoch}
@@ -314,9 +358,9 @@ def main(cfg: DictConfig) -> Optional[float]:
             record.update(train_one_epoch(epoch, train_model, train_loader, criterion, optimizer, scheduler, scaler,
                                           ema, mixup, cfg, device, dtype, rank))
         except NonFiniteLossError as err:
-            last = os.path.join(ckpt_dir, "last.ckpt")
             log.error("%s; stopping without saving (last good checkpoint: %s). Lower optim.lr, set grad_clip, or "
-                      "set skip_nonfinite=true to skip such steps", err, last if os.path.isfile(last) else "none")
+                      "set skip_nonfinite=true to skip such steps", err,
+                      folder.last if os.path.isfile(folder.last) else "none")
             raise SystemExit(3) from None
         record["lr"] = optimizer.param_groups[0]["lr"]
         if bad_image_count(train_ds):
@@ -327,32 +371,37 @@ def main(cfg: DictConfig) -> Optional[float]:
             if ema is not None:
                 record.update({f"val_ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, dtype,
                                                                        progress=False).items() if k != "images"})
+        skipped = ("every update was skipped (non-finite loss)" if record["train_loss"] is None else
+                   "the validation loss is not finite" if not math.isfinite(record.get("val_loss", 0.0)) else None)
+        if skipped and not cfg.skip_nonfinite:
+            log.error("epoch %d: %s; stopping without saving (last good checkpoint: %s). Lower optim.lr, set "
+                      "grad_clip, or set skip_nonfinite=true to record such epochs as skipped", epoch, skipped,
+                      folder.last if os.path.isfile(folder.last) else "none")
+            raise SystemExit(3)
+        if skipped:  # recorded, never the best
+            record["skipped"] = skipped
+            log.warning("epoch %d skipped: %s", epoch, skipped)
         if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
             log.error("non-finite weights after epoch %d; stopping without saving", epoch)
             raise SystemExit(3)
+        if not skipped and record.get("val_top1", -1.0) > best_top1:
+            best_top1, best_epoch = record["val_top1"], epoch
         if rank == 0:
-            is_best = record.get("val_top1", -1.0) > best_top1
-            best_top1 = max(best_top1, record.get("val_top1", -1.0))
             state = {"model": model.state_dict(), "model_ema": ema.module.state_dict() if ema else None,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
                      "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1, "best_top1": best_top1,
-                     "rng": ckpt_io.rng_state(), "config": OmegaConf.to_container(cfg, resolve=True),
-                     "metrics": record}
-            ckpt_io.save_atomic(state, os.path.join(ckpt_dir, "last.ckpt"))
-            if is_best:
-                ckpt_io.save_atomic(state, os.path.join(ckpt_dir, "best.ckpt"))
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+                     "best_epoch": best_epoch, "rng": ckpt_io.rng_state(),
+                     "config": OmegaConf.to_container(cfg, resolve=True), "classes": classes, "metrics": record}
+            folder.commit(state)
             if wandb_run is not None:
                 wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
                                              for k, v in record.items() if k != "hash_fit"})
     if wandb_run is not None:
         wandb_run.finish()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return best_top1
+    return end_of_run(best_top1)
 
 
 if __name__ == "__main__":
+    sweep.check_plugins(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
     main()

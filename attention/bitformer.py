@@ -16,10 +16,13 @@ not the authors' implementation. The choices made here:
   Only QKᵀ is bitwise; P·v stays a float product.
 * Two score paths give bit-identical s (:func:`bit_scores`): ``"float"`` (training and default) multiplies the
   ±1 codes as floats, exact because |s| <= T, with a straight-through estimator for sign (gradient passed where
-  |z| <= 1); ``"packed"`` (inference) packs each code into one integer word of the narrowest width that holds T
-  bits (int8/16/32/64) and computes XOR + popcount: on CPU with two fused C++ kernels (``csrc/xor_popcount.cpp``,
-  compiled on first use and cached, :func:`bit_kernels`), elsewhere or without a compiler with vectorised
-  PyTorch code (bit packing by a carry-free multiply, a SWAR :func:`popcount`). Exported (ONNX), the packed path
+  |z| <= 1); in the module it folds alpha_i·gamma/√T into the query codes and beta_j into the key codes, so the
+  logits are one product that ``F.scaled_dot_product_attention`` computes with its fused kernels, without
+  storing the N x M scores (:meth:`BitformerAttention.fused_attention`); ``"packed"`` (inference) packs each code
+  into one integer word of the narrowest width that holds T bits (int8/16/32/64) and computes XOR + popcount: on
+  CPU with two fused C++ kernels (``csrc/xor_popcount.cpp``, compiled on first use and cached,
+  :func:`bit_kernels`), elsewhere or without a compiler with vectorised PyTorch code (bit packing by a carry-free
+  multiply, a SWAR :func:`popcount`). Exported (ONNX), the packed path
   is :func:`table_scores`: 16-bit words, BitwiseXor and a popcount lookup table, the same integer scores.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import register_attention
 from .base import AttentionBase, OpCount
@@ -317,6 +321,9 @@ class BitformerAttention(AttentionBase):
         zk = self.k(kv_tokens).view(B, M, H, T).transpose(1, 2)               # (B, H, M, T)
         v = self.v(kv_tokens).view(B, M, H, self.head_dim).transpose(1, 2)     # (B, H, M, d)
 
+        if self.score_path == "float":
+            out = self.fused_attention(zq, zk, v).transpose(1, 2).reshape(B, N, C)
+            return self.proj_drop(self.proj(out))
         dtype = torch.promote_types(v.dtype, torch.float32)                    # logits in >= fp32 under AMP
         scores = bit_scores(zq, zk, self.score_path).to(dtype)                # (B, H, N, M), exact integers
         scale = self.temperature.view(H, 1, 1) / math.sqrt(T)
@@ -329,6 +336,37 @@ class BitformerAttention(AttentionBase):
         attn = self.attn_drop(logits.softmax(dim=-1))
         out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
+
+    def scaled_codes(self, zq: torch.Tensor, zk: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, N, T), (B, H, M, T) -> q' = Q·alpha·gamma/√T, k' = K·beta (>= float32), so q'_i·k'_j is logit_ij.
+
+        The factors are per query / per key, so folding them into the ±1 codes gives the same logits as scaling the
+        integer scores; the gradients (straight-through sign, the means, gamma) are the same functions too.
+        """
+        dtype = torch.promote_types(zq.dtype, torch.float32)
+        scale = self.temperature.to(dtype).view(-1, 1, 1) / math.sqrt(self.bits)
+        q, k = sign_ste(zq).to(dtype), sign_ste(zk).to(dtype)
+        if not self.token_scale:
+            return q * scale, k
+        alpha = zq.to(dtype).abs().mean(-1, keepdim=True)                     # (B, H, N, 1)
+        beta = zk.to(dtype).abs().mean(-1, keepdim=True)                      # (B, H, M, 1)
+        return q * (alpha * scale), k * beta
+
+    def fused_attention(self, zq: torch.Tensor, zk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Float path without the N x M matrix: softmax(q' k'ᵀ) v by ``F.scaled_dot_product_attention`` (scale 1).
+
+        zq (B, H, N, T), zk (B, H, M, T), v (B, H, M, d) -> (B, H, N, d) in v's dtype. Logits in >= float32 (autocast
+        off inside). q', k' and v are zero-padded to a common width max(T, d), which leaves q'·k' unchanged, because
+        the fused (flash) kernels need one head size for all three.
+        """
+        q, k = self.scaled_codes(zq, zk)
+        d = v.shape[-1]
+        width = max(self.bits, d)
+        q, k = F.pad(q, (0, width - self.bits)), F.pad(k, (0, width - self.bits))
+        with torch.autocast(v.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q, k, F.pad(v.to(q.dtype), (0, width - d)), scale=1.0,
+                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
+        return out[..., :d].to(v.dtype)
 
     def count_ops(self, feat_size: Sequence[int]) -> OpCount:
         """Attention products for N queries x M keys, H heads, T bits (one word per code).

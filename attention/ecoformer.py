@@ -36,6 +36,44 @@ def attention_bias(bits: int, formula: str = "paper") -> int:
     return 1 << bits.bit_length() if formula == "paper" else bits + 1
 
 
+class _LinearAttention(torch.autograd.Function):
+    """out_n = (h_nᵀS + β·w_n) / (h_nᵀz + β·N) for codes h (G, N, b), values v (G, N, d), with S = Σ_j h_j v_jᵀ,
+    z = Σ_j h_j and w_n = Σ_j v_j (paper) or v_n (``own_value``: the authors' code). O(N·b·d); the backward is
+    written out, with g_num = g/D and g_D = −Σ_d g_num ⊙ out:
+
+        g_v = h g_S + β·(Σ_n g_num (paper) or g_num),   g_S = hᵀ g_num
+        g_h = g_num Sᵀ + v g_Sᵀ + g_D zᵀ + Σ_n g_D,n h_n
+    """
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, values: torch.Tensor, beta: float, own_value: bool) -> torch.Tensor:
+        N = codes.shape[1]
+        summary = codes.transpose(1, 2) @ values  # S, (G, b, d)
+        code_sum = codes.sum(1, keepdim=True)  # zᵀ, (G, 1, b)
+        bias_term = values if own_value else values.sum(1, keepdim=True)
+        denominator = torch.bmm(codes, code_sum.transpose(1, 2)).add_(beta * N)  # (G, N, 1)
+        out = torch.baddbmm(bias_term, codes, summary, beta=beta).div_(denominator)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(codes, values, summary, code_sum, denominator, out)
+            ctx.beta, ctx.own_value = beta, own_value
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, values, summary, code_sum, denominator, out = ctx.saved_tensors
+        grad_num = grad / denominator
+        grad_den = (grad_num * out).sum(-1, keepdim=True).neg_()  # (G, N, 1)
+        grad_summary = codes.transpose(1, 2) @ grad_num  # (G, b, d)
+        grad_codes = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_codes = torch.baddbmm(grad_den * code_sum + grad_den.transpose(1, 2) @ codes, grad_num,
+                                       summary.transpose(1, 2)).baddbmm_(values, grad_summary.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            own = grad_num if ctx.own_value else grad_num.sum(1, keepdim=True)
+            grad_values = torch.baddbmm(own, codes, grad_summary, beta=ctx.beta)
+        return grad_codes, grad_values, None, None
+
+
 @register_attention("ecoformer")
 class EcoFormerAttention(AttentionBase):
     """EcoFormer token mixer: ``forward(x: (B, N, C), feat_size) -> (B, N, C)``.
@@ -84,23 +122,11 @@ class EcoFormerAttention(AttentionBase):
         return self.proj_drop(self.proj(out.to(v.dtype)))
 
     def _attend(self, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """codes: (G, N, b) ±1, values: (G, N, d) -> (G, N, d) for G = heads·batch problems.
-
-        With h' = [h | 1] and v' = [v | 1]: summary = h'ᵀv' = [[Σ_j h_j v_jᵀ, Σ_j h_j], [Σ_j v_jᵀ, N]], so
-        [numerator | denominator] of out_n = h_nᵀ·summary + β·([Σ_j v_j | N] (paper) or [v_n | N] (authors)).
-        Float32 (or wider), autocast off.
-        """
+        """codes: (G, N, b) ±1, values: (G, N, d) -> (G, N, d) for G = heads·batch problems
+        (:class:`_LinearAttention`). Float32 (or wider), autocast off."""
         with torch.autocast(values.device.type, enabled=False):
             values = values.to(torch.promote_types(values.dtype, torch.float32))
-            G, N, _ = values.shape
-            codes = codes.to(values.dtype)
-            summary = codes.transpose(1, 2) @ torch.cat([values, values.new_ones(G, N, 1)], -1)  # (G, b, d + 1)
-            if self.formula == "paper":
-                bias_term = torch.cat([values.sum(1, keepdim=True), values.new_full((G, 1, 1), N)], -1)
-            else:
-                bias_term = torch.cat([values, values.new_full((G, N, 1), N)], -1)
-            out = torch.baddbmm(bias_term, codes, summary, beta=self.beta)
-            return out[..., :-1] / out[..., -1:]
+            return _LinearAttention.apply(codes.to(values.dtype), values, float(self.beta), self.formula == "authors")
 
     def count_ops(self, feat_size: Sequence[int]) -> OpCount:
         """DESIGN §6 with c = head size, b bits, m anchors: add = 2HNmc + HNmb + 2HNb + 2HNbc + HNc,

@@ -1,46 +1,74 @@
 """Training checkpoints: atomic writes, safe loads (``weights_only=True``), RNG state capture.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only: ``model``, ``model_ema``, ``optimizer``,
-``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``best_top1``, ``rng``, ``config`` (the resolved config),
-``metrics`` (the epoch's record). EcoFormer hash buffers travel inside ``model``.
+``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``best_top1``, ``best_epoch`` (index of the best epoch so
+far, None while none has a finite validation), ``rng``, ``config`` (the resolved config), ``metrics`` (the epoch's
+record), ``classes`` (class names in label order, or None). EcoFormer hash buffers travel inside ``model``.
 """
 from __future__ import annotations
 
 import os
 import random
 import tempfile
-from typing import Any, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Union
 
 import numpy as np
 import torch
 
-from models.weights import load_checkpoint as load  # noqa: F401 (weights_only loading lives below engine)
+from models.weights import CheckpointError
+from models.weights import load_checkpoint as load  # weights_only loading lives below engine
 
 PathLike = Union[str, os.PathLike]
+TEMP_PREFIX = ".tmp-"  # files being written; a run folder's are removed when its next run starts
+_UMASK = os.umask(0o022)  # the process's umask (reading it means setting it), for write_temp's file mode
+os.umask(_UMASK)
 
 
-def save_atomic(obj: Dict[str, Any], path: PathLike) -> None:
-    """Write ``obj`` to a temporary file beside ``path``, fsync it, then rename over ``path``: a crash at any
-    moment leaves either the previous file or the new one, never a partial file."""
+def write_temp(path: PathLike, write: Callable[[BinaryIO], None]) -> str:
+    """Write a temporary file ``.tmp-*`` beside ``path`` with ``write(f)`` and fsync it; returns its path (removed
+    again when ``write`` fails). :func:`publish` then puts it in place."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as an ordinary file (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
+    return tmp
+
+
+def publish(tmp: str, path: PathLike) -> None:
+    """Rename ``tmp`` over ``path`` and fsync the folder: readers see the old file or the new one, never a part."""
+    path = os.fspath(path)
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj: Dict[str, Any], path: PathLike) -> None:
+    """``torch.save`` through a temporary file, fsync and rename: a crash at any moment leaves either the previous
+    file or the new one, never a partial file (at most a ``.tmp-*`` file beside it)."""
+    publish(write_temp(path, lambda f: torch.save(obj, f)), path)
+
+
+def load_training_state(path: PathLike) -> Dict[str, Any]:
+    """A train.py checkpoint to resume from (see the module docstring); another kind of file fails naming it."""
+    state = load(path)
+    missing = [key for key in ("model", "optimizer", "epoch", "rng") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"resume={path} is not a train.py checkpoint (no {', '.join(missing)}): to start from "
+                              f"its weights, use init={path} in a new run folder")
+    return state
 
 
 def rng_state() -> Dict[str, Any]:

@@ -2,7 +2,8 @@
 
 ``cifar100``: the official ``cifar-100-python`` layout (torchvision download, or an offline copy whose md5 sums may
 differ from the release); ``imagenet`` / ``folder``: ImageFolder trees ``root/train/<class>/*``, ``root/val/<class>/*``
-(class index = sorted folder names, images converted to RGB); ``fake``: random images for smoke runs.
+(class index = the training split's sorted folder names, used for the validation split too; images of every Pillow
+mode converted to 8-bit RGB by :func:`to_rgb`); ``fake``: random images for smoke runs.
 Transforms, mixup/cutmix, label smoothing and random erasing are timm's.
 """
 from __future__ import annotations
@@ -27,6 +28,10 @@ from torchvision import datasets, transforms
 log = logging.getLogger(__name__)
 
 DATASETS = ("cifar100", "imagenet", "folder", "fake")
+class DataError(ValueError):
+    """Data that cannot be read as configured; the message names the file or folder and the fix."""
+
+
 CIFAR_HINT = ("get it with data.download=true (needs network), or write an offline copy with "
               "`python ../shared/data/cifar100_export.py --out DIR --layout pickle` and pass data.root=DIR")
 
@@ -59,7 +64,7 @@ class CIFAR100(Dataset):
         folder = os.path.join(root, "cifar-100-python")
         path = os.path.join(folder, "train" if train else "test")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CIFAR-100 not found: looked for {os.path.abspath(path)}; {CIFAR_HINT}")
+            raise DataError(f"CIFAR-100 not found: looked for {os.path.abspath(path)}; {CIFAR_HINT}")
         official = dict(datasets.CIFAR100.train_list + datasets.CIFAR100.test_list)
         with open(path, "rb") as f:
             raw = f.read()
@@ -82,39 +87,80 @@ class CIFAR100(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
+WHITE = (255, 255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, reading values as they are meant: 16-bit modes (``I;16*``, and ``I``, Pillow's
+    mode for 16- and 32-bit integer files) scaled by 255/65535, float (``F``) scaled from [0, 1] (both rounded, values
+    outside the range saturate); transparency (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, a palette or colour key
+    with ``transparency``) composited onto white, as viewers show it, rather than revealing the colours stored under
+    transparent pixels; ``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` by Pillow's conversion.
+    Always a new, loaded image (independent of the file it was opened from)."""
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha
+        img = img.convert(img.mode.upper())
+    if img.mode in ("LA", "PA", "RGBA") or "transparency" in img.info:
+        return Image.alpha_composite(Image.new("RGBA", img.size, WHITE), img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
 class CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder whose unreadable images raise an error naming the file, or (``skip_bad_images``) are replaced
-    by the next readable sample and counted in ``bad_images`` (shared across loader workers)."""
+    by the next readable sample and counted in ``bad_images`` (shared across loader workers).
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad_images: bool = False) -> None:
+    ``classes`` (the training split's class names, in label order) numbers this split's class folders the same way:
+    a folder unknown to it is an error listing it, a class without a folder here is a warning.
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad_images: bool = False,
+                 classes: Optional[Sequence[str]] = None) -> None:
+        self.index_classes = None if classes is None else list(classes)
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"dataset folder {os.path.abspath(root)} does not exist; expected "
+            raise DataError(f"dataset folder {os.path.abspath(root)} does not exist; expected "
                                     f"{root}/<class>/<image> (set data.root to the folder holding train/ and val/)")
         try:
-            super().__init__(root, transform=transform)
+            super().__init__(root, transform=transform, allow_empty=classes is not None)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"no images found under {os.path.abspath(root)} ({err}); expected "
+            raise DataError(f"no images found under {os.path.abspath(root)} ({err}); expected "
                                     f"{root}/<class>/<image>.jpg|png") from None
         self.skip_bad_images = skip_bad_images
         self.bad_images = mp.Value("i", 0)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        found, index = super().find_classes(directory)
+        if self.index_classes is None:
+            return found, index
+        unknown = sorted(set(found) - set(self.index_classes))
+        if unknown:
+            raise DataError(f"{directory} has {len(unknown)} class folder(s) that the training split lacks: "
+                            f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}; labels must mean the "
+                            "same in both splits: add them to the training split or remove them here")
+        missing = sorted(set(self.index_classes) - set(found))
+        if missing:
+            log.warning("%s lacks %d training class(es): %s (scored with the training split's labels)", directory,
+                        len(missing), ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        return self.index_classes, {name: i for i, name in enumerate(self.index_classes)}
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         for offset in range(len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
                 with open(path, "rb") as f:
-                    img = Image.open(f)
-                    img = img.convert("RGB")
+                    img = to_rgb(Image.open(f))
             except Exception as err:  # PIL raises many kinds for corrupt files
                 if not self.skip_bad_images:
-                    raise RuntimeError(f"cannot read image {path}: {err}; remove or replace the file, or set "
+                    raise DataError(f"cannot read image {path}: {err}; remove or replace the file, or set "
                                        "data.skip_bad_images=true to skip and count such files") from err
                 with self.bad_images.get_lock():
                     self.bad_images.value += 1
                 log.warning("skipping unreadable image %s (%s)", path, err)
                 continue
             return (self.transform(img) if self.transform else img), target
-        raise RuntimeError(f"no readable image in {self.root}")
+        raise DataError(f"no readable image in {self.root}")
 
 
 def _first_per_class(targets: Sequence[int], per_class: int) -> List[int]:
@@ -127,8 +173,11 @@ def _first_per_class(targets: Sequence[int], per_class: int) -> List[int]:
     return keep
 
 
-def build_dataset(cfg: Any, train: bool, transform: Optional[Callable]) -> Dataset:
-    """The train or validation split of ``cfg`` (the ``data`` node), optionally cut to ``per_class`` images/class."""
+def build_dataset(cfg: Any, train: bool, transform: Optional[Callable],
+                  classes: Optional[Sequence[str]] = None) -> Dataset:
+    """The train or validation split of ``cfg`` (the ``data`` node), optionally cut to ``per_class`` images/class.
+    ``classes``: the label order of folder datasets (the training split's :func:`class_names`); None: this split's
+    sorted folder names."""
     name = cfg.name
     if name == "cifar100":
         ds: Dataset = CIFAR100(cfg.root, train, transform, download=bool(cfg.get("download", False)))
@@ -137,9 +186,10 @@ def build_dataset(cfg: Any, train: bool, transform: Optional[Callable]) -> Datas
         split = cfg.get("train_dir", "train") if train else cfg.get("val_dir", "val")
         hint = "" if name == "folder" else " (ImageNet-1K: root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG)"
         if cfg.root is None or not os.path.isdir(os.path.join(cfg.root, split)):
-            raise FileNotFoundError(f"{name} split not found: looked for {os.path.abspath(os.path.join(str(cfg.root), split))}"
+            raise DataError(f"{name} split not found: looked for {os.path.abspath(os.path.join(str(cfg.root), split))}"
                                     f"; set data.root to the folder holding {split}/<class>/<image>{hint}")
-        ds = CheckedImageFolder(os.path.join(cfg.root, split), transform, bool(cfg.get("skip_bad_images", False)))
+        ds = CheckedImageFolder(os.path.join(cfg.root, split), transform, bool(cfg.get("skip_bad_images", False)),
+                                classes)
         targets = ds.targets
     elif name == "fake":
         size = cfg.train_size if train else cfg.val_size
@@ -147,20 +197,30 @@ def build_dataset(cfg: Any, train: bool, transform: Optional[Callable]) -> Datas
                                random_offset=0 if train else 10 ** 6)
         targets = None
     else:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     if cfg.get("per_class") and targets is not None:
         ds = Subset(ds, _first_per_class(targets, int(cfg.per_class)))
     if len(ds) == 0:
-        raise ValueError(f"dataset {name} ({'train' if train else 'val'}) at {cfg.get('root')} is empty")
+        raise DataError(f"dataset {name} ({'train' if train else 'val'}) at {cfg.get('root')} is empty")
     return ds
 
 
-def num_classes_of(cfg: Any, train_ds: Dataset) -> int:
-    """``data.num_classes``, or the number of class folders for ``folder`` datasets with num_classes=null."""
-    if cfg.get("num_classes"):
-        return int(cfg.num_classes)
-    base = train_ds.dataset if isinstance(train_ds, Subset) else train_ds
-    return len(base.classes)
+def class_names(dataset: Dataset) -> Optional[List[str]]:
+    """Class names in label order (CIFAR-100's, a folder dataset's index), or None (fake data)."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return list(base.classes) if hasattr(base, "classes") else None
+
+
+def num_classes_of(cfg: Any, dataset: Dataset) -> int:
+    """``data.num_classes``, or the number of classes of ``dataset`` (class folders) with num_classes=null; more
+    classes than ``data.num_classes`` is an error (labels beyond the model's head)."""
+    names = class_names(dataset)
+    if not cfg.get("num_classes"):
+        return len(names)
+    if names is not None and len(names) > int(cfg.num_classes):
+        raise DataError(f"data.num_classes={cfg.num_classes} but data={cfg.name} at {cfg.get('root')} has "
+                        f"{len(names)} classes; set data.num_classes=null (count the class folders) or {len(names)}")
+    return int(cfg.num_classes)
 
 
 # transforms -----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from engine import checkpoint as ckpt_io
 from engine.build import build_model
 from engine.config import ConfigError
 from models import adapt_state_dict, load_checkpoint_state, model_state_of
+from models.weights import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,10 @@ def resolve_data(cfg: DictConfig, train_cfg: Any) -> DictConfig:
 
 
 def load_model(cfg: DictConfig) -> Tuple[nn.Module, Any, Dict[str, Any]]:
-    """(model with weights, the checkpoint's train config or None, description) from ``cfg.ckpt``, ``cfg.use_ema``
-    and, for bare weight files, ``cfg.model`` / ``cfg.attn`` (``cfg.attn`` also changes a checkpoint's attention
-    options, e.g. ``attn=bitformer attn.score_path=packed``)."""
+    """(model with weights, the checkpoint's train config or None, description; its ``classes``: the training
+    class names in label order, when the checkpoint has them) from ``cfg.ckpt``, ``cfg.use_ema`` and, for bare
+    weight files, ``cfg.model`` / ``cfg.attn`` (``cfg.attn`` also changes a checkpoint's attention options, e.g.
+    ``attn=bitformer attn.score_path=packed``)."""
     path = cfg.ckpt
     state = ckpt_io.load(path) if not str(path).endswith(".safetensors") else {}
     if isinstance(state.get("config"), dict):  # a train.py checkpoint
@@ -51,9 +53,14 @@ def load_model(cfg: DictConfig) -> Tuple[nn.Module, Any, Dict[str, Any]]:
             train_cfg.attn = OmegaConf.merge(train_cfg.attn, cfg.attn)
         model = build_model(train_cfg.model, train_cfg.attn, int(weights["head.weight"].shape[0]),
                             load_pretrained=False)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: its weights do not fit attn={train_cfg.attn.name} with the options "
+                                  f"given ({str(err).splitlines()[0]}); drop the attn.* overrides that change "
+                                  "shapes") from None
         return model, train_cfg, {"model": train_cfg.model.name, "attn": train_cfg.attn.name,
-                                  "epoch": int(state["epoch"])}
+                                  "epoch": int(state["epoch"]), "classes": state.get("classes")}
     if cfg.get("model") is None:
         raise ConfigError(f"{path} is a bare weight file: name its model with model=<pvtv2_b0|...> "
                           "(and attn=<name> if not softmax)")
@@ -62,7 +69,10 @@ def load_model(cfg: DictConfig) -> Tuple[nn.Module, Any, Dict[str, Any]]:
     head = weights.get("head.weight")
     attn_cfg = cfg.get("attn") or {"name": "softmax"}
     model = build_model(cfg.model, attn_cfg, int(head.shape[0]) if head is not None else 1000, load_pretrained=False)
-    adapted, report = adapt_state_dict(weights, model)
+    try:
+        adapted, report = adapt_state_dict(weights, model)
+    except ValueError as err:
+        raise CheckpointError(f"ckpt={path}: {err}") from None
     model.load_state_dict(adapted)
     log.info("loaded %s: %s", path, {k: len(v) for k, v in report.items()})
     return model, None, {"model": cfg.model.name, "attn": attn_cfg["name"]}

@@ -13,7 +13,7 @@ estimator of sign, ∂H/∂y = 1[|y| ≤ 1] (hardtanh's derivative), so the proj
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,59 @@ def sign_ste(y: torch.Tensor) -> torch.Tensor:
     return torch.copysign(torch.ones((), dtype=y.dtype, device=y.device), y)
 
 
+class _KernelProjection(torch.autograd.Function):
+    """y = A(κ(u) − μ) for z (H, L, d), u = z/‖z‖: t = u·a, κ = exp((t − c)/σ), y = κAᵀ − Aμ; gradient to z only.
+
+    ``sigma``: (H, 1, 1), or None for the per-input bandwidth σ_bh = 2·mean_{n,j}(c_j − t_bhnj) over the tokens of
+    each of the ``images`` images (consecutive blocks of L), which the gradient passes through. Without a gradient
+    κ overwrites t. The backward is written out (fewer passes and saved tensors than autograd's), g_s = (g_y A) ⊙ κ:
+
+        fixed σ     g_t = g_s / σ
+        per input   g_t = (g_s + 2/(N·m)·Σ_{n,j} g_s ⊙ s) / σ,   s = (t − c)/σ,  N tokens per image
+        g_z = r·(g_t a − (Σ_j g_t,j t_j)·r·z),   r = 1/‖z‖ (second term zero where ‖z‖ is clamped to 1e-12)
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, anchors_t: torch.Tensor, offsets: torch.Tensor, proj_t: torch.Tensor,
+                bias: torch.Tensor, sigma: Optional[torch.Tensor], images: int) -> torch.Tensor:
+        if any(ctx.needs_input_grad[1:]):
+            raise RuntimeError("the kernel projection passes gradients to z only; its buffers (anchors, A, μ, σ) "
+                               "are set by hash learning, not by autograd")
+        H, L, _ = z.shape
+        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        inv_norm = norm.clamp_min(_NORM_EPS).reciprocal_()
+        t = torch.bmm(z, anchors_t).mul_(inv_norm)  # u·a, (H, L, m)
+        per_image = t.view(H, images, L // images, -1)
+        per_input = sigma is None
+        if per_input:
+            sigma = 2.0 * (offsets.mean(-1, keepdim=True)[:, None] - per_image.mean((2, 3), keepdim=True))
+        else:
+            sigma = sigma[:, None]  # (H, 1, 1, 1)
+        keep = ctx.needs_input_grad[0]
+        shifted = per_image.sub(offsets[:, None]) if keep else per_image.sub_(offsets[:, None])
+        kernel = shifted.div_(sigma).exp_().view(H, L, -1)
+        if keep:
+            ctx.save_for_backward(z, inv_norm, norm > _NORM_EPS, t, kernel, anchors_t, offsets, proj_t, sigma)
+            ctx.images, ctx.per_input = images, per_input
+        return torch.baddbmm(bias, kernel, proj_t)  # (H, L, b)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        z, inv_norm, unclamped, t, kernel, anchors_t, offsets, proj_t, sigma = ctx.saved_tensors
+        H, L, m = t.shape
+        grad = torch.bmm(grad_y, proj_t.transpose(1, 2)).mul_(kernel).view(H, ctx.images, L // ctx.images, m)
+        if ctx.per_input:  # grad currently g_s
+            s = t.view_as(grad).sub(offsets[:, None]).div_(sigma)
+            grad = grad.add(s.mul_(grad).sum((2, 3), keepdim=True), alpha=2.0 / (grad.shape[2] * m))
+        grad = grad.div_(sigma).view(H, L, m)  # g_t
+        coef = (grad * t).sum(-1, keepdim=True).mul_(inv_norm).mul_(unclamped)
+        grad_z = torch.bmm(grad, anchors_t.transpose(1, 2)).sub_(z * coef).mul_(inv_norm)
+        return grad_z, None, None, None, None, None, None
+
+
 class KernelizedHash(nn.Module):
-    """b-bit kernelized hash per head. ``forward(z: (..., H, d)) -> (..., H, b)`` ±1 codes of z / ‖z‖ (float32).
+    """b-bit kernelized hash per head. ``forward(z: (..., H, d)) -> (..., H, b)``: ±1 codes of z / ‖z‖, float32 or
+    wider.
 
     Buffers: ``anchors`` (H, m, d), ``projection`` A (H, b, m), ``kernel_mean`` μ (H, m), ``bandwidth`` σ (H,).
     The initial hash is random: unit anchors, Gaussian A, σ = 2 and μ = e^(−1/2), the values of σ and μ for
@@ -92,34 +143,31 @@ class KernelizedHash(nn.Module):
                 f"bandwidth={'per_input' if self.per_input_bandwidth else 'fixed'}")
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., H, d), any nonzero scale -> y = A (κ(z/‖z‖) − μ): (..., H, b), float32 (autocast off).
+        """z: (..., H, d), any nonzero scale -> y = A (κ(z/‖z‖) − μ): (..., H, b), float32 or wider (autocast off).
 
-        With ‖u‖ = 1, −‖u − a‖²/(2σ) = (u·a − c)/σ for c = (1 + ‖a‖²)/2, so κ is one product and one exp. Heads
-        are batched matrix products; a z whose storage is head-major (a view of (H, ..., d)) is read in place and
-        y is returned as a view of a head-major (H, ..., b) tensor, so no head permutation is copied.
+        With ‖u‖ = 1, −‖u − a‖²/(2σ) = (u·a − c)/σ for c = (1 + ‖a‖²)/2, so κ is one product and one exp
+        (:class:`_KernelProjection`, whose backward is written out). Heads are batched matrix products; a z whose
+        storage is head-major (a view of (H, ..., d)) is read in place and y is returned as a view of a head-major
+        (H, ..., b) tensor, so no head permutation is copied.
         """
         lead = z.shape[:-2]
         if self.per_input_bandwidth and len(lead) != 2:
             raise ValueError(f"a per-input bandwidth needs (B, N, H, d) inputs, got shape {tuple(z.shape)}")
+        dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float().movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d)
-            anchors = self.anchors.float()
+            z = z.to(dtype).movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d)
+            anchors = self.anchors.to(dtype)
             offsets = 0.5 * (1.0 + anchors.square().sum(-1))[:, None, :]  # c = (1 + ‖a‖²)/2, (H, 1, m)
-            norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-            dots = torch.bmm(z, anchors.transpose(1, 2)).div_(norm)  # u·a, (H, L, m)
-            if self.per_input_bandwidth:  # σ_bh = mean_{n,j} ‖u − a_j‖² = 2·mean_{n,j}(c_j − u·a_j)
-                per_image = dots.view(self.num_heads, lead[0], -1, self.num_anchors)
-                sigma = 2.0 * (offsets.mean(-1, keepdim=True)[:, None] - per_image.mean((2, 3), keepdim=True))
-                kernel = per_image.sub_(offsets[:, None]).div_(sigma).exp_().view_as(dots)
-            else:
-                kernel = dots.sub_(offsets).div_(self.bandwidth.float()[:, None, None]).exp_()
-            proj = self.projection.float()
-            bias = -(proj @ self.kernel_mean.float()[..., None]).transpose(1, 2)  # −Aμ, (H, 1, b)
-            y = torch.baddbmm(bias, kernel, proj.transpose(1, 2))  # (H, L, b)
+            proj = self.projection.to(dtype)
+            bias = -(proj @ self.kernel_mean.to(dtype)[..., None]).transpose(1, 2)  # −Aμ, (H, 1, b)
+            sigma = None if self.per_input_bandwidth else self.bandwidth.to(dtype)[:, None, None]
+            images = lead[0] if self.per_input_bandwidth else 1
+            y = _KernelProjection.apply(z, anchors.transpose(1, 2), offsets, proj.transpose(1, 2), bias, sigma,
+                                        images)
         return y.view(self.num_heads, *lead, self.bits).movedim(0, -2)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., H, d) -> H(z/‖z‖): (..., H, b) in {−1, +1}, float32, straight-through gradient."""
+        """z: (..., H, d) -> H(z/‖z‖): (..., H, b) in {−1, +1}, float32 or wider, straight-through gradient."""
         return sign_ste(self.project(z))
 
     def register_unit_hook(self, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:

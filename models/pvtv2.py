@@ -39,7 +39,10 @@ class MlpWithDepthwiseConv(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.relu = nn.ReLU() if extra_relu else nn.Identity()
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        # channels-last weight strides (the same memory: the weight's second dim has size 1) make the convolution
+        # read the (B, N, C) tokens in place as NHWC and write NHWC, which is (B, N, C) again; with timm's strides
+        # it copies its input to NCHW and GELU / fc2 then read a transposed output (stage 0: ~4x slower on CPU)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden).to(memory_format=torch.channels_last)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
@@ -266,14 +269,20 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: PVTv2,
         prefix = name + "."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         target = module.state_dict()
-        kept = set(target) - set(sub)
-        if (sub and set(sub) <= set(target) and kept <= {n for n, _ in module.named_buffers()}
+        kept = set(target) - set(sub)  # only the authors' files may lack buffers (their σ)
+        keepable = {n for n, _ in module.named_buffers()} if authors else set()
+        if (sub and set(sub) <= set(target) and kept <= keepable
                 and all(sub[k].shape == target[k].shape for k in sub)):
             out.update({prefix + k: sub.get(k, target[k]) for k in target})
             report["copied"].extend(prefix + k for k in sub)
             report["new"].extend(prefix + k for k in sorted(kept))
             if authors and getattr(module, "formula", None) == "paper":
                 paper_formula.append(name)
+        elif module.attn_name == "softmax" and "q.weight" in sub and ("sr.weight" in sub) != ("sr.weight" in target):
+            has_sr = "sr.weight" in sub
+            mismatched.append(f"{prefix[:-1]}: the checkpoint's softmax block {'has' if has_sr else 'has no'} spatial "
+                              f"reduction ({'SRA' if has_sr else 'full MSA'}); build the model with "
+                              f"attn.sr={'true' if has_sr else 'false'}")
         elif "q.weight" in sub and "kv.weight" in sub:  # a softmax (SRA or MSA) block: convert
             out.update({prefix + k: v for k, v in module.adapt_softmax_state(sub, report, prefix).items()})
         else:

@@ -1,7 +1,7 @@
 """Weight files: safe loading (``weights_only=True``), the model state inside a checkpoint, and the three key
 layouts that PVTv2 weights come in, mapped to timm's names (which this project's models use).
 
-Layouts (:func:`weight_layout`):
+Layouts (:func:`weight_layout` names them):
 
 - ``timm``: timm's ``pvt_v2_*`` and this project's (``patch_embed.proj``, ``stages.<i>.blocks.<j>``).
 - ``pvt``: the original PVT repository's (``patch_embed1..4``, ``block1..4.<j>``, ``norm1..4``); timm's
@@ -28,29 +28,31 @@ import torch
 from timm.models.pvt_v2 import checkpoint_filter_fn as _pvt_to_timm_names
 
 PathLike = Union[str, os.PathLike]
-LAYOUTS = ("timm", "pvt", "ecoformer_authors")
 # The EcoFormer authors' checkpoints (DeiT-style main.py) store their argparse options beside the weights:
 # weights_only loads allow that plain attribute container and nothing else (as timm's loader does).
 _SAFE_GLOBALS = [argparse.Namespace]
 
 
+class CheckpointError(RuntimeError):
+    """A weight or checkpoint file that cannot be used; the message names the file and what to do."""
+
+
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint written by ``engine.checkpoint.save_atomic`` with ``weights_only=True`` (a pickle that would run code is
-    refused); a truncated or corrupt file raises a ``RuntimeError`` that says so."""
+    """Load a checkpoint or weight file with ``weights_only=True`` (a pickle that would run code is refused); a missing, truncated, corrupt or foreign file raises :class:`CheckpointError` saying so."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as err:
-        raise RuntimeError(f"checkpoint {path!r} is truncated or corrupt ({err}); use another checkpoint "
-                           f"(e.g. last.ckpt / best.ckpt of the run)") from err
-    except Exception as err:
-        if "weights_only" in str(err):
-            raise RuntimeError(f"checkpoint {path!r} holds objects other than tensors and plain data and was refused "
-                               f"(loaded with weights_only=True for safety): {str(err).splitlines()[0]}") from err
-        raise
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... for such files
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if "GLOBAL" in reason:
+            raise CheckpointError(f"checkpoint {path!r} holds objects other than tensors and plain data and was "
+                                  f"refused (loaded with weights_only=True for safety): {reason[:300]}") from err
+        raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt, or another kind "
+                              f"of file: {type(err).__name__} {reason[:200]}); use another checkpoint (e.g. "
+                              "last.ckpt / best.ckpt of the run)") from err
 
 
 def load_checkpoint_state(path: PathLike, use_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -70,7 +72,8 @@ def model_state_of(obj: Any, use_ema: bool = False, path: str = "checkpoint") ->
     if isinstance(obj, dict):
         if use_ema:
             if obj.get("model_ema") is None:
-                raise KeyError(f"checkpoint {path!r} has no EMA weights (saved without model_ema)")
+                raise CheckpointError(f"checkpoint {path!r} has no EMA weights (trained with ema.enabled=false); "
+                                      "drop use_ema=true")
             obj = obj["model_ema"]
         else:
             for key in ("model", "state_dict", "model_state"):
@@ -81,7 +84,7 @@ def model_state_of(obj: Any, use_ema: bool = False, path: str = "checkpoint") ->
 
 
 def weight_layout(state: Mapping[str, Any]) -> str:
-    """Which of :data:`LAYOUTS` a PVTv2 state dict uses; a ``ValueError`` naming its keys when it is none of them."""
+    """Which layout (``timm``, ``pvt`` or ``ecoformer_authors``) a PVTv2 state dict uses; a ``ValueError`` naming its keys when it is none of them."""
     keys = list(state)
     if any(re.search(r"\.attn\.(to_qk|to_v|qkv|fast_attention)\.", k) for k in keys):
         return "ecoformer_authors"
@@ -96,7 +99,7 @@ def weight_layout(state: Mapping[str, Any]) -> str:
 
 
 def to_timm_names(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A state dict in any of :data:`LAYOUTS` with timm's (this project's) names; see the module docstring."""
+    """A state dict in any of the three layouts with timm's (this project's) names; see the module docstring."""
     layout = weight_layout(state)
     if layout == "timm":
         return dict(state)
@@ -114,10 +117,12 @@ def to_timm_names(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             out[f"{prefix}.attn.kv.{name[4:]}"] = value[dim:]
         elif name == "fast_attention.ksh.A":
             out[f"{prefix}.attn.hash.projection"] = value
-        elif name == "fast_attention.ksh.mvec":  # (1, H, 1, m) -> (H, m)
-            out[f"{prefix}.attn.hash.kernel_mean"] = value.reshape(value.shape[1], value.shape[-1])
-        elif name == "fast_attention.ksh.anchor":  # (1, H, m, d) -> (H, m, d)
-            out[f"{prefix}.attn.hash.anchors"] = value[0]
+        elif name in ("fast_attention.ksh.mvec", "fast_attention.ksh.anchor"):  # (1, H, 1, m), (1, H, m, d)
+            if value.dim() != 4 or value.shape[0] != 1:
+                raise ValueError(f"{key} has shape {tuple(value.shape)}; the authors' released checkpoints hold "
+                                 "(1, heads, 1, anchors) / (1, heads, anchors, head_dim)")
+            mapped = "kernel_mean" if name.endswith("mvec") else "anchors"
+            out[f"{prefix}.attn.hash.{mapped}"] = value[0, :, 0] if mapped == "kernel_mean" else value[0]
         elif name != "fast_attention.projection_matrix":
             out[f"{prefix}.attn.{name.replace('to_qk.', 'qk.').replace('to_v.', 'v.')}"] = value
     return out

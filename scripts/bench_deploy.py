@@ -2,13 +2,15 @@
 """Edge latency of pvtv2_b0: PyTorch eager against onnxruntime (fp32 and int8 files) at batch 1, in one process.
 
     python scripts/bench_deploy.py                                   # 224 px, 1 and 2 threads, 30 repeats
-    python scripts/bench_deploy.py --size 224 --threads 1 --repeats 50 --out bench_deploy
+    python scripts/bench_deploy.py --sizes 224 --threads 1 --repeats 50 --out bench_deploy
+    python scripts/benchmark.py --part deploy --out bench          # the same through the benchmark entry point
 
 Attentions: softmax SRA, EcoFormer (paper formula), Bitformer with packed scores (PyTorch: the C++ XOR/popcount
 kernels; ONNX: BitwiseXor + a popcount table). Random weights (latency does not depend on them), 1000 classes.
 Each model is exported by engine/deploy.py (fixed shape, as export.py writes it with dynamic=none) and quantized
 (export.py quantize=dynamic). Per thread count, one call of each (attention, runtime) pair per repeat, the order
-alternating between repeats, after two warm-up calls each; the table gives medians in ms and PyTorch / onnxruntime
+alternating between repeats, after two warm-up calls each; onnxruntime's idle threads do not spin (they would take
+PyTorch's cores between interleaved calls: it doubled PyTorch's 2-thread time in a first run); the table gives medians in ms and PyTorch / onnxruntime
 ratios (> 1: onnxruntime faster), with the model's energy per image by the EcoFormer paper's rules (DESIGN §6,
 models.count_model_ops, as scripts/energy.py prints it). The last stdout line is one JSON object.
 """
@@ -45,12 +47,31 @@ RUNTIMES = ("pytorch", "ort_fp32", "ort_int8")
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="pvtv2_b0")
-    parser.add_argument("--size", type=int, default=224, help="input side in px")
+    parser.add_argument("--sizes", default="224", help="comma-separated input sides in px")
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per (attention, runtime, threads)")
-    parser.add_argument("--attentions", default=",".join(SETUPS), help=f"comma-separated, of: {', '.join(SETUPS)}")
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, of: {', '.join(SETUPS)}")
     parser.add_argument("--out", default=None, help="folder for bench_deploy.md / .json (and the exported files)")
     return parser
+
+
+def _int_list(value: Any) -> List[int]:
+    return [int(v) for v in str(value).split(",")] if isinstance(value, (str, int)) else [int(v) for v in value]
+
+
+def options(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with this script's defaults for what it leaves unset (None or absent), lists parsed: the namespace
+    of this script's command line or of ``scripts/benchmark.py --part deploy``."""
+    merged = vars(add_arguments(argparse.ArgumentParser()).parse_args([]))
+    merged.update({k: v for k, v in vars(args).items() if k in merged and v is not None})
+    merged["sizes"], merged["threads"] = _int_list(merged["sizes"]), _int_list(merged["threads"])
+    setups = merged["setups"]
+    merged["setups"] = [label.strip() for label in (setups.split(",") if isinstance(setups, str) else setups)
+                        if label.strip()]
+    unknown = [label for label in merged["setups"] if label not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown setup(s) {unknown}; valid: {', '.join(SETUPS)}")
+    return argparse.Namespace(**merged)
 
 
 def _runners(model: torch.nn.Module, fp32: str, int8: str, image: torch.Tensor, threads: int
@@ -67,60 +88,64 @@ def _runners(model: torch.nn.Module, fp32: str, int8: str, image: torch.Tensor, 
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """One row per (attention, threads): median ms per runtime, ratios, energy per image."""
-    labels = [label.strip() for label in args.attentions.split(",") if label.strip()]
-    unknown = [label for label in labels if label not in SETUPS]
-    if unknown:
-        raise ValueError(f"unknown attention(s) {unknown}; valid: {', '.join(SETUPS)}")
-    threads_list = [int(t) for t in str(args.threads).split(",")]
+    """One row per (attention, size, threads): median ms per runtime, ratios, energy per image."""
+    args = options(args)
     folder = args.out or tempfile.mkdtemp(prefix="bench_deploy_")
     os.makedirs(folder, exist_ok=True)
-    image = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    built: Dict[str, tuple] = {}
-    for label in labels:
-        attn, options = SETUPS[label]
-        torch.manual_seed(0)
-        model = timm.create_model(args.model, attn=attn, attn_kwargs=options, num_classes=1000).eval()
-        fp32 = os.path.join(folder, f"{args.model}_{attn}.onnx")
-        int8 = os.path.join(folder, f"{args.model}_{attn}.int8.onnx")
-        log.info("exporting %s to %s", label, fp32)
-        deploy.export_onnx(model, fp32, args.size, dynamic="none", batch=1)
-        deploy.quantize_int8(fp32, int8)
-        energy = count_model_ops(model, args.size)["energy_pj"]
-        built[label] = model, fp32, int8, energy
-    if any(SETUPS[label][1].get("score_path") == "packed" for label in labels):
-        bit_kernels()  # build (first use) or load the C++ kernels before timing
     rows: List[Dict[str, Any]] = []
-    for threads in threads_list:
-        torch.set_num_threads(threads)
-        calls = [(label, runtime, fn) for label in labels
-                 for runtime, fn in _runners(built[label][0], built[label][1], built[label][2], image,
-                                             threads).items()]
-        for _, _, fn in calls:  # warm-up
-            for _ in range(2):
-                fn()
-        times: Dict[tuple, List[float]] = {(label, runtime): [] for label, runtime, _ in calls}
-        for repeat in range(args.repeats):
-            for label, runtime, fn in (calls if repeat % 2 == 0 else calls[::-1]):
-                start = time.perf_counter()
-                fn()
-                times[label, runtime].append(1e3 * (time.perf_counter() - start))
-        for label in labels:
-            ms = {runtime: statistics.median(times[label, runtime]) for runtime in RUNTIMES}
-            rows.append(dict(attention=label, model=args.model, size=args.size, batch=1, threads=threads,
-                             repeats=args.repeats, **{f"{r}_ms": ms[r] for r in RUNTIMES},
-                             fp32_speedup=ms["pytorch"] / ms["ort_fp32"], int8_speedup=ms["pytorch"] / ms["ort_int8"],
-                             energy_mj=built[label][3] * 1e-9))
+    for size in args.sizes:
+        built: Dict[str, tuple] = {}
+        for label in args.setups:
+            attn, kwargs = SETUPS[label]
+            torch.manual_seed(0)
+            model = timm.create_model(args.model, attn=attn, attn_kwargs=kwargs, num_classes=1000).eval()
+            fp32 = os.path.join(folder, f"{args.model}_{attn}_{size}.onnx")
+            int8 = os.path.join(folder, f"{args.model}_{attn}_{size}.int8.onnx")
+            log.info("exporting %s at %d px to %s", label, size, fp32)
+            deploy.export_onnx(model, fp32, size, dynamic="none", batch=1)
+            deploy.quantize_int8(fp32, int8)
+            built[label] = model, fp32, int8, count_model_ops(model, size)["energy_pj"]
+        if any(SETUPS[label][1].get("score_path") == "packed" for label in args.setups):
+            bit_kernels()  # build (first use) or load the C++ kernels before timing
+        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        for threads in args.threads:
+            rows += _measure(built, image, threads, args.repeats, args.model)
+    return rows
+
+
+def _measure(built: Dict[str, tuple], image: torch.Tensor, threads: int, repeats: int, model_name: str
+             ) -> List[Dict[str, Any]]:
+    torch.set_num_threads(threads)
+    calls = [(label, runtime, fn) for label, (model, fp32, int8, _) in built.items()
+             for runtime, fn in _runners(model, fp32, int8, image, threads).items()]
+    for _, _, fn in calls:  # warm-up
+        for _ in range(2):
+            fn()
+    times: Dict[tuple, List[float]] = {(label, runtime): [] for label, runtime, _ in calls}
+    for repeat in range(repeats):
+        for label, runtime, fn in (calls if repeat % 2 == 0 else calls[::-1]):
+            start = time.perf_counter()
+            fn()
+            times[label, runtime].append(1e3 * (time.perf_counter() - start))
+    rows = []
+    for label, (*_, energy) in built.items():
+        ms = {runtime: statistics.median(times[label, runtime]) for runtime in RUNTIMES}
+        rows.append(dict(attention=label, model=model_name, size=image.shape[-1], batch=1, threads=threads,
+                         repeats=repeats, **{f"{r}_ms": ms[r] for r in RUNTIMES},
+                         fp32_speedup=ms["pytorch"] / ms["ort_fp32"], int8_speedup=ms["pytorch"] / ms["ort_int8"],
+                         energy_mj=energy * 1e-9))
     return rows
 
 
 def markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| attention | threads | PyTorch eager (ms) | ORT fp32 (ms) | ORT int8 (ms) | PyTorch / ORT fp32 "
-             "| PyTorch / ORT int8 | energy / image (mJ) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    header = ("attention", "size", "threads", "PyTorch eager (ms)", "ORT fp32 (ms)", "ORT int8 (ms)",
+              "PyTorch / ORT fp32", "PyTorch / ORT int8", "energy / image (mJ)")
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for r in rows:
-        lines.append(f"| {r['attention']} | {r['threads']} | {r['pytorch_ms']:.1f} | {r['ort_fp32_ms']:.1f} | "
-                     f"{r['ort_int8_ms']:.1f} | {r['fp32_speedup']:.2f} | {r['int8_speedup']:.2f} | "
-                     f"{r['energy_mj']:.2f} |")
+        cells = (r["attention"], r["size"], r["threads"], f"{r['pytorch_ms']:.1f}", f"{r['ort_fp32_ms']:.1f}",
+                 f"{r['ort_int8_ms']:.1f}", f"{r['fp32_speedup']:.2f}", f"{r['int8_speedup']:.2f}",
+                 f"{r['energy_mj']:.2f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 

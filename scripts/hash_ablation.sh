@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What hash learning buys (README "What hash learning buys"): the CIFAR-100 CPU protocol (pvtv2_b0, 32 px,
+# What hash learning buys (README "The hash ablation"): the CIFAR-100 CPU protocol (pvtv2_b0, 32 px,
 # 8 epochs) for EcoFormer with its hash (a) never fitted, (b) fitted once at epoch 0, (c) re-fitted every epoch
 # (the default), (d) formula=authors re-fitted every epoch; then the paper's path like for like: 3 more epochs
 # of MSA, EcoFormer and Bitformer from the same 8-epoch full-MSA checkpoint, with one schedule.
@@ -7,9 +7,12 @@
 # PART: all (default) | hash (a-d, seed 0) | control (MSA, then +3 epochs) | seeds (a and c, seed 1)
 set -euo pipefail
 root=${1:?usage: scripts/hash_ablation.sh DATA_ROOT [OUT] [PART] [-- OVERRIDES...]}
-out=${2:-runs/hash_ablation}
-part=${3:-all}
-shift $(( $# < 3 ? $# : 3 )); [ "${1:-}" = "--" ] && shift
+shift
+positional=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do positional+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+out=${positional[0]:-runs/hash_ablation}
+part=${positional[1]:-all}
 cd "$(dirname "$0")/.."
 train() { name=$1; shift; python train.py experiment=cifar100_cpu data.root="$root" hydra.run.dir="$out/$name" "$@"; }
 if [ "$part" = all ] || [ "$part" = hash ]; then

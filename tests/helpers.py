@@ -8,12 +8,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("ECOPVT_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 
 
-def run(script, *overrides, timeout=600, cmd=None):
-    """Run a project script from the repository root; return (returncode, stdout, stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", WANDB_MODE="offline")
-    proc = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _env(extra):
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "offline", **(extra or {})}
+
+
+def run(script, *overrides, timeout=600, cmd=None, env=None):
+    """Run a project script from the repository root; return (returncode, stdout, stderr). ``env``: extra
+    environment variables (e.g. ``{"HYDRA_FULL_ERROR": "0"}`` to see what a user sees)."""
+    proc = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *overrides], cwd=ROOT,
+                          env=_env(env), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def start(script, *overrides, env=None):
+    """Start a project script in the background (stdout and stderr together, as text); returns the Popen."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *overrides], cwd=ROOT, env=_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def metrics(run_dir):

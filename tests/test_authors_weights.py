@@ -148,6 +148,10 @@ def test_authors_checkpoint_computes_their_forward(tmp_path, attn_type, attn, at
     path = save_like_the_authors(state, tmp_path / f"pvtv2_b0_{attn_type}.pth")
     model = timm.create_model("pvtv2_b0", attn=attn, attn_kwargs=attn_kwargs, pretrained=True,
                               pretrained_cfg_overlay=dict(file=path)).eval()
+    # their LayerNorms: eps 1e-5 in the patch embeddings, 1e-6 elsewhere (the output check alone is blind to it)
+    eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert {e for n, e in eps.items() if "patch_embed" in n or "downsample" in n} == {1e-5}
+    assert {e for n, e in eps.items() if "patch_embed" not in n and "downsample" not in n} == {1e-6}
     torch.manual_seed(1)
     for size in [(224, 224), (160, 96)]:
         x = torch.randn(2, 3, *size)
@@ -166,6 +170,12 @@ def test_authors_weights_under_the_paper_formula_differ_and_warn(tmp_path, caplo
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (model(x) - authors_forward(state, x, "ecoformer")).abs().max() > 1e-3
+
+
+def test_their_msa_weights_into_sra_blocks_fail_naming_the_fix(tmp_path):
+    path = save_like_the_authors(authors_state("msa"), tmp_path / "msa.pth")
+    with pytest.raises(ValueError, match=r"has no spatial reduction \(full MSA\); build the model with attn.sr=false"):
+        timm.create_model("pvtv2_b0", attn="softmax", pretrained=True, pretrained_cfg_overlay=dict(file=path))
 
 
 def test_unknown_layout_is_named(tmp_path):

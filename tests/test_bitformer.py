@@ -1,5 +1,7 @@
 """Bitformer attention (DESIGN §5): exact packed XOR/popcount scores, STE gradients, learning, model plumbing."""
+import copy
 import logging
+import math
 import os
 import shutil
 
@@ -181,6 +183,74 @@ def test_packed_module_matches_float(kwargs, feat_size):
         expected = attn(x, feat_size)
         attn.score_path = "packed"
         assert torch.allclose(attn(x, feat_size), expected, atol=1e-6, rtol=0)
+
+
+def _unfused_reference(attn: BitformerAttention, x: torch.Tensor, feat_size):
+    """The float path before fusion, in float64: scores s = Q·K, logits gamma·alpha_i·beta_j·s_ij/√T, softmax, P·v.
+
+    Returns (output, the float64 copy of ``attn`` whose parameters hold the gradients)."""
+    ref = copy.deepcopy(attn).double()
+    x = x.detach().double().requires_grad_()
+    B, N, C = x.shape
+    H, T = ref.num_heads, ref.bits
+    kv = ref.reduce(x, feat_size)
+    M = kv.shape[1]
+    zq = ref.q(x).view(B, N, H, T).transpose(1, 2)
+    zk = ref.k(kv).view(B, M, H, T).transpose(1, 2)
+    v = ref.v(kv).view(B, M, H, ref.head_dim).transpose(1, 2)
+    scores = sign_ste(zq) @ sign_ste(zk).transpose(-1, -2)
+    scale = ref.temperature.view(H, 1, 1) / math.sqrt(T)
+    if ref.token_scale:
+        logits = scores * (zq.abs().mean(-1, keepdim=True) * scale) * zk.abs().mean(-1).unsqueeze(-2)
+    else:
+        logits = scores * scale
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+    return ref.proj(out), ref, x
+
+
+@pytest.mark.parametrize("dim, heads, kwargs, feat_size", [
+    (32, 1, dict(sr_ratio=8, bits=16), (16, 16)),              # pvtv2_b0 stage 0 (SRA), T < d
+    (64, 2, dict(sr_ratio=4, bits=16), (12, 8)),               # stage 1
+    (40, 4, dict(sr_ratio=2, bits=7), (7, 9)),                 # odd T, odd grid
+    (40, 4, dict(bits=33, sr=False), (5, 7)),                  # full tokens, odd T > d (values padded)
+    (32, 2, dict(bits=16, sr=False), (6, 6)),                  # T = d: no padding
+    (24, 3, dict(bits=9, token_scale=False, sr_ratio=2), (6, 6)),
+    (32, 2, dict(sr_ratio=4, linear=True, bits=11), (9, 9)),
+])
+def test_fused_float_path_matches_unfused_formula(dim, heads, kwargs, feat_size):
+    """Outputs to 1e-5 and every gradient (input, q, k, v, sr, temperature, proj) to 1e-4 of the unfused formula."""
+    torch.manual_seed(0)
+    attn = BitformerAttention(dim, heads, **kwargs).train()
+    with torch.no_grad():
+        attn.temperature.uniform_(0.5, 2.0)
+    x = torch.randn(2, feat_size[0] * feat_size[1], dim, requires_grad=True)
+    out = attn(x, feat_size)
+    expected, ref, x64 = _unfused_reference(attn, x, feat_size)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    weight = torch.randn_like(expected)
+    (out * weight.float()).sum().backward()
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    params = dict(ref.named_parameters())
+    for name, param in attn.named_parameters():
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad.double(), params[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_float_path_keeps_no_score_matrix_for_backward():
+    """Training saves O(N·d) tensors for backward (the fused kernel's), none of the N x M scores or weights."""
+    attn = BitformerAttention(32, 1, bits=16, sr=False)
+    x = torch.randn(1, 48 * 48, 32, requires_grad=True)
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(x, (48, 48)).sum().backward()
+    n = 48 * 48
+    assert sizes and max(sizes) < n * n // 16, (max(sizes), n * n)
 
 
 def test_packed_path_refuses_to_train():

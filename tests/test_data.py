@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
 from engine.data import CIFAR100, build_dataset, build_loader, build_mixup, build_transform
-from helpers import ROOT, SHARED_DATA, export_cifar
+from helpers import ROOT, SHARED_DATA, export_cifar, run
 
 CIFAR_CFG = OmegaConf.load(os.path.join(ROOT, "configs", "data", "cifar100.yaml"))
 
@@ -79,3 +79,117 @@ def test_mixup_gives_soft_targets():
     images, targets = mixup(torch.randn(4, 3, 32, 32), torch.arange(4))
     assert targets.shape == (4, 100) and torch.allclose(targets.sum(1), torch.ones(4))
     assert build_mixup(CIFAR_CFG, 100) is None
+
+
+# every Pillow mode as the RGB image it shows -------------------------------------------------------------------
+def _composite(rgb, alpha):
+    """Reference: ``rgb`` over white with ``alpha`` (uint8), rounded."""
+    a = alpha[..., None] / 255.0
+    return np.rint(rgb * a + 255.0 * (1 - a))
+
+
+def _mode_cases():
+    """(mode, image, reference RGB as float array, file format to round-trip it through or None)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    grey, alpha = rgb[..., 0], rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    wide, real = rng.integers(0, 65536, (6, 5)).astype(np.uint16), rng.random((6, 5)).astype(np.float32)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    index = rng.integers(0, 16, (6, 5), dtype=np.uint8)
+    paletted = Image.fromarray(index, "P")
+    paletted.putpalette(palette.flatten().tolist())
+    keyed = paletted.copy()
+    keyed.info["transparency"] = 3  # palette entry 3 is transparent
+    with_alpha = paletted.copy()
+    with_alpha.putalpha(Image.fromarray(alpha))
+    y, cb, cr = (rgb[..., i].astype(float) for i in range(3))
+    ycbcr = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                      y + 1.772 * (cb - 128)], -1)
+    import colorsys
+
+    hsv = np.array([[colorsys.hsv_to_rgb(*(px / 255.0)) for px in row] for row in rgb]) * 255
+    c, m, yy, k = (np.dstack([rgb, alpha])[..., i].astype(float) for i in range(4))
+    cmyk = np.stack([(255 - c) * (255 - k), (255 - m) * (255 - k), (255 - yy) * (255 - k)], -1) / 255
+    stack = lambda g: np.repeat(np.asarray(g, float)[..., None], 3, -1)  # noqa: E731
+    return [
+        ("1", Image.fromarray(grey > 127), stack((grey > 127) * 255), "png"),
+        ("L", Image.fromarray(grey), stack(grey), "png"),
+        ("LA", Image.fromarray(np.dstack([grey, alpha]), "LA"), _composite(stack(grey), alpha), "png"),
+        ("La", Image.fromarray(np.dstack([grey, alpha]), "LA").convert("La"), _composite(stack(grey), alpha), None),
+        ("RGB", Image.fromarray(rgb), rgb.astype(float), "png"),
+        ("P", paletted, palette[index].astype(float), "png"),
+        ("P", keyed, np.where((index == 3)[..., None], 255.0, palette[index]), "png"),
+        ("PA", with_alpha, _composite(palette[index], alpha), None),
+        ("RGBA", Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), _composite(rgb, alpha), "png"),
+        ("RGBa", Image.fromarray(np.dstack([rgb, alpha]), "RGBA").convert("RGBa"), _composite(rgb, alpha), None),
+        ("CMYK", Image.fromarray(np.dstack([rgb, alpha]), "CMYK"), cmyk, "tiff"),
+        ("YCbCr", Image.fromarray(rgb, "YCbCr"), np.clip(ycbcr, 0, 255), "tiff"),
+        ("HSV", Image.fromarray(rgb, "HSV"), hsv, None),
+        ("I;16", Image.fromarray(wide), stack(np.rint(wide / 65535 * 255)), "png"),
+        ("I;16B", Image.fromarray(wide.astype(">u2")), stack(np.rint(wide / 65535 * 255)), "tiff"),
+        ("I", Image.fromarray(wide.astype(np.int32)), stack(np.rint(wide / 65535 * 255)), "tiff"),
+        ("F", Image.fromarray(real), stack(np.rint(real * 255)), "tiff"),
+    ]
+
+
+def test_every_pillow_mode_reads_as_the_reference_rgb_image(tmp_path):
+    """16-bit and float images scaled (Pillow's convert would clip them to white / black), transparency over
+    white, through to_rgb and through the folder dataset's reader (files saved in that mode)."""
+    from engine.data import CheckedImageFolder, to_rgb
+
+    cases = _mode_cases()
+    (tmp_path / "c").mkdir()
+    files = {}
+    for i, (mode, image, reference, fmt) in enumerate(cases):
+        assert image.mode == mode
+        result = to_rgb(image)
+        assert result.mode == "RGB" and np.asarray(result).dtype == np.uint8
+        tolerance = 3 if mode in ("YCbCr", "HSV") else 1  # Pillow's fixed-point colour maths
+        np.testing.assert_allclose(np.asarray(result, dtype=float), reference, atol=tolerance, err_msg=mode)
+        if fmt:
+            files[f"{i:02d}.{fmt}"] = i
+            image.save(tmp_path / "c" / f"{i:02d}.{fmt}")
+    dataset = CheckedImageFolder(str(tmp_path))
+    assert len(dataset) == len(files)
+    for (path, _), (image, _) in zip(dataset.samples, (dataset[j] for j in range(len(dataset)))):
+        mode, _, reference, _ = cases[files[os.path.basename(path)]]
+        assert Image.open(path).mode == mode
+        tolerance = 3 if mode == "YCbCr" else 1
+        np.testing.assert_allclose(np.asarray(image, dtype=float), reference, atol=tolerance, err_msg=path)
+
+
+# one class index for both splits -------------------------------------------------------------------------------
+def _image_tree(root, splits):
+    """``{split: [class, ...]}`` -> two tiny PNGs per class folder."""
+    for split, classes in splits.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_validation_labels_follow_the_training_class_index(tmp_path, caplog):
+    from engine.data import DataError, class_names
+
+    root = _image_tree(tmp_path, {"train": ["ant", "bee", "cat"], "val": ["ant", "cat"], "val_extra": ["ant", "dog"]})
+    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(ROOT, "configs", "data", "imagenet.yaml")),
+                          {"name": "folder", "root": str(root), "num_classes": None, "val_dir": "val"})
+    train = build_dataset(cfg, True, None)
+    with caplog.at_level(logging.WARNING):
+        val = build_dataset(cfg, False, None, class_names(train))
+    assert "lacks 1 training class(es): bee" in caplog.text
+    assert sorted(set(val.targets)) == [0, 2] and val.classes == ["ant", "bee", "cat"]  # cat stays 2, not 1
+    with pytest.raises(DataError, match="1 class folder.* that the training split lacks: dog"):
+        build_dataset(OmegaConf.merge(cfg, {"val_dir": "val_extra"}), False, None, class_names(train))
+
+
+def test_a_val_class_unknown_to_training_stops_train_py_before_any_training(tmp_path):
+    """It used to crash with `IndexError: Target 2 is out of bounds` after a whole training epoch."""
+    root = _image_tree(tmp_path / "data", {"train": ["ant", "bee"], "val": ["ant", "bee", "cat"]})
+    run_dir = tmp_path / "run"
+    code, out, err = run("train.py", "data=folder", f"data.root={root}", "data.img_size=32", "data.batch_size=2",
+                         "data.num_workers=0", "epochs=1", "device=cpu", f"hydra.run.dir={run_dir}",
+                         env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2 and "that the training split lacks: cat" in out and "Traceback" not in out + err
+    assert os.listdir(run_dir) == []  # nothing written (Hydra made the folder)

@@ -142,6 +142,60 @@ def test_hash_matches_kernel_definition():
     assert torch.equal(hash_fn(z)[confident], torch.sign(y)[confident])
 
 
+def _reference_forward(attn: EcoFormerAttention, x: torch.Tensor) -> torch.Tensor:
+    """EcoFormer's forward before the fast path, for float64 autograd: explicit distances ‖u − a‖², per-head or
+    per-input bandwidth, the straight-through sign, attention by einsum (S = Σ_j h_j v_jᵀ, z = Σ_j h_j)."""
+    B, N, C = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    hash_fn = attn.hash
+    z = attn.qk(x).view(B, N, H, d)
+    u = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sq_dist = (u[..., None, :] - hash_fn.anchors).square().sum(-1)  # (B, N, H, m)
+    sigma = sq_dist.mean((1, 3), keepdim=True) if attn.formula == "authors" else hash_fn.bandwidth[:, None]
+    kernel = torch.exp(-sq_dist / (2 * sigma))
+    codes = sign_ste(torch.einsum("hkm,bnhm->bnhk", hash_fn.projection, kernel - hash_fn.kernel_mean))
+    v = attn.v(x).view(B, N, H, d)
+    summary = torch.einsum("bnhk,bnhd->bhkd", codes, v)
+    own = v if attn.formula == "authors" else v.sum(1, keepdim=True)
+    numerator = torch.einsum("bnhk,bhkd->bnhd", codes, summary) + attn.beta * own
+    denominator = torch.einsum("bnhk,bhk->bnh", codes, codes.sum(1))[..., None] + attn.beta * N
+    return attn.proj((numerator / denominator).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("formula", ["paper", "authors"])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_fast_path_matches_the_reference_formula_in_float64(formula, heads):
+    """Outputs (training and inference) and every gradient (input, qk, v, proj) to 1e-10 of _reference_forward:
+    the hand-written backwards of the kernel projection and of the linear attention are the formula's."""
+    torch.manual_seed(0)
+    attn = EcoFormerAttention(8 * heads, heads, bits=8, anchors=6, formula=formula).double().train()
+    with torch.no_grad():  # a fitted-looking hash: anchors off the sphere, per-head bandwidths, larger y
+        attn.hash.anchors.mul_(torch.rand(heads, 6, 1, dtype=torch.float64) + 0.5)
+        attn.hash.bandwidth.uniform_(0.5, 2.0)
+        attn.hash.projection.mul_(3)
+    ref = copy.deepcopy(attn)
+    x = torch.randn(2, 35, 8 * heads, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = attn(x, (5, 7)), _reference_forward(ref, x_ref)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=0)
+    ref_params = dict(ref.named_parameters())
+    for name, param in attn.named_parameters():
+        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=1e-10, rtol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.eval()(x, (5, 7)), expected, atol=1e-10, rtol=0)
+
+
+def test_kernel_projection_refuses_gradients_to_its_buffers():
+    hash_fn = KernelizedHash(2, 8, bits=4, anchors=3)
+    hash_fn.projection.requires_grad_()
+    with pytest.raises(RuntimeError, match="gradients to z only"):
+        hash_fn.project(torch.randn(1, 5, 2, 8))
+
+
 def test_no_n_by_n_tensor_is_formed():
     class LargestTensor(TorchDispatchMode):
         largest = 0

@@ -1,4 +1,5 @@
 """Crashes and bad input: atomic checkpoints, non-finite losses, safe loading, and start-up errors that name the fix."""
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,10 @@ import train
 from engine import checkpoint as ckpt_io
 from engine.data import build_dataset
 from helpers import ROOT, export_cifar, run
+from models.weights import CheckpointError
 
 FAST = ["experiment=smoke", "epochs=1"]
+USER_ENV = {"HYDRA_FULL_ERROR": "0"}  # what a user sees (the other runs show tracebacks, for debugging)
 
 
 # crashes ---------------------------------------------------------------------------------------------------------
@@ -119,7 +122,8 @@ def test_a_crafted_pickle_is_refused_and_runs_no_code(tmp_path):
     with pytest.raises(RuntimeError, match="weights_only"):
         ckpt_io.load(evil)
     code, out, err = run("eval.py", f"ckpt={evil}", f"hydra.run.dir={tmp_path}/eval")
-    assert code != 0 and "refused" in err + out
+    assert code == 2 and "refused" in err + out
+    assert "Traceback" in out + err  # HYDRA_FULL_ERROR=1: the message with its traceback, for debugging
     code, out, err = run("train.py", *FAST, f"init={evil}", f"hydra.run.dir={tmp_path}/run")
     assert code != 0 and "refused" in err + out
     assert not marker.exists()
@@ -207,9 +211,9 @@ def test_unknown_names_in_python_list_the_valid_ones():
 
 def test_missing_cifar_says_where_it_looked_and_how_to_get_it(tmp_path):
     code, out, err = run("train.py", "data=cifar100", f"data.root={tmp_path}/nowhere", "device=cpu",
-                         f"hydra.run.dir={tmp_path}/run")
+                         f"hydra.run.dir={tmp_path}/run", env=USER_ENV)
     text = out + err
-    assert code != 0 and f"{tmp_path}/nowhere/cifar-100-python/train" in text
+    assert code == 2 and f"{tmp_path}/nowhere/cifar-100-python/train" in text and "Traceback" not in text
     assert "data.download=true" in text and "cifar100_export.py" in text
 
 
@@ -217,8 +221,9 @@ def test_empty_image_folder_says_where_it_looked(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir()
     code, out, err = run("train.py", "data=folder", f"data.root={tmp_path}/empty", "device=cpu",
-                         f"hydra.run.dir={tmp_path}/run")
-    assert code != 0 and f"{tmp_path}/empty/train" in out + err and "<class>" in out + err
+                         f"hydra.run.dir={tmp_path}/run", env=USER_ENV)
+    assert code == 2 and f"{tmp_path}/empty/train" in out + err and "<class>" in out + err
+    assert "Traceback" not in out + err
 
 
 def test_unwritable_run_folder_fails_at_start_up(tmp_path):
@@ -241,13 +246,17 @@ def image_folder(tmp_path_factory):
 
 def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, tmp_path):
     root, bad = image_folder
-    common = ["data=folder", f"data.root={root}", "data.img_size=32", "data.batch_size=20", "data.num_workers=0",
-              "epochs=1", "device=cpu", "model=pvtv2_b0"]
-    code, out, err = run("train.py", *common, f"hydra.run.dir={tmp_path}/a")
-    assert code != 0 and str(bad) in out + err and "data.skip_bad_images=true" in out + err
-    code, out, err = run("train.py", *common, "data.skip_bad_images=true", f"hydra.run.dir={tmp_path}/b")
+    common = ["data=folder", f"data.root={root}", "data.img_size=32", "data.batch_size=20", "epochs=1", "device=cpu",
+              "model=pvtv2_b0"]
+    code, out, err = run("train.py", *common, "data.num_workers=1", f"hydra.run.dir={tmp_path}/a", env=USER_ENV)
+    assert code == 2 and str(bad) in out + err and "data.skip_bad_images=true" in out + err  # raised in a worker
+    assert "Traceback" not in out + err
+    code, out, err = run("train.py", *common, "data.num_workers=0", "data.skip_bad_images=true",
+                         f"hydra.run.dir={tmp_path}/b")
     assert code == 0, err[-2000:]
     assert '"bad_images": 1' in open(tmp_path / "b" / "metrics.jsonl").read()
+    saved = ckpt_io.load(tmp_path / "b" / "checkpoints" / "last.ckpt")["classes"]  # eval.py's class index
+    assert saved == sorted(os.listdir(root / "train"))
 
 
 def test_a_checkpoint_of_another_attention_names_the_mismatching_keys():
@@ -259,3 +268,80 @@ def test_a_checkpoint_of_another_attention_names_the_mismatching_keys():
     with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn: the checkpoint has .*'k\.weight'.* where "
                                          r"this model's ecoformer attention has .*'qk\.weight'"):
         adapt_state_dict(bitformer, timm.create_model("pvtv2_b0", attn="ecoformer", num_classes=10))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size='16'", "data.batch_size='16': must be an integer (a quoted number is text: drop the quotes)"),
+    ("data.img_size=-32", "data.img_size=-32: PVTv2 needs at least 32 px"),
+    ("data.img_size=32.5", "data.img_size=32.5: must be an integer"),
+    ("optim.lr=fast", "optim.lr='fast': must be a number"),
+    ("ema.enabled=yes", "ema.enabled='yes': must be true or false"),
+    ("data.mean=[0.5,'x',0.5]", "data.mean=[0.5, 'x', 0.5]: must be a list of numbers"),
+    ("attn.bits='16'", "attn.bits='16': a quoted number is text; drop the quotes"),
+    ("max_steps_per_epoch=0", "max_steps_per_epoch=0: must be >= 1, or null for whole epochs"),
+    ("sched.name=cosin", "sched.name=cosin: unknown scheduler; valid (timm's): cosine, tanh, step"),
+])
+def test_config_values_are_type_checked_naming_the_key(override, message):
+    """A quoted number used to pass (int('16')) and then misbehave (eval batch 2 * '16' = 1616 images)."""
+    from engine.config import ConfigError, validate_train_config
+
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = compose("train", ["data=fake", "attn=ecoformer", override])
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    assert message in str(info.value)
+
+
+# honest epochs ---------------------------------------------------------------------------------------------------
+def test_an_epoch_whose_every_update_was_skipped_is_recorded_as_skipped_and_never_best(tmp_path):
+    """lr 1e3 with skip_nonfinite: the first update blows the weights up, every later loss is non-finite. Such
+    epochs used to record train_loss 0.0, write best.ckpt and exit 0."""
+    run_dir = tmp_path / "run"
+    code, out, err = run("train.py", *FAST, "epochs=2", "max_steps_per_epoch=2", "data.train_size=32",
+                         "data.val_size=16", "skip_nonfinite=true", "optim.lr=1e3", f"hydra.run.dir={run_dir}")
+    assert code == 3, err[-3000:]
+    assert "no epoch of this run had finite results" in out
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]  # strict JSON: no NaN
+    assert [r["epoch"] for r in records] == [0, 1] and all(r["skipped"] for r in records)
+    assert records[1]["train_loss"] is None and records[1]["skipped_steps"] == 2
+    assert records[0]["val_loss"] is None and "validation loss is not finite" in records[0]["skipped"]
+    assert not (run_dir / "checkpoints" / "best.ckpt").exists()
+
+
+# messages, not tracebacks ----------------------------------------------------------------------------------------
+def test_a_text_file_named_ckpt_gives_one_message_without_a_traceback(tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello\n")
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+        ckpt_io.load(text)  # was KeyError: 101
+    code, out, err = run("eval.py", f"ckpt={text}", f"hydra.run.dir={tmp_path}/e", env=USER_ENV)
+    assert code == 2 and "notes.ckpt' is not a readable PyTorch checkpoint" in out
+    assert "Traceback" not in out + err
+
+
+def test_eval_checks_the_checkpoints_classes_against_the_data(tmp_path):
+    import timm
+    from PIL import Image
+
+    weights = tmp_path / "ten.pth"
+    torch.save(timm.create_model("pvtv2_b0", num_classes=10).state_dict(), weights)
+    for name in ("a", "b", "c"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / "val" / name / "0.png")
+    code, out, err = run("eval.py", f"ckpt={weights}", "model=pvtv2_b0", "data=folder", f"data.root={tmp_path}/data",
+                         f"hydra.run.dir={tmp_path}/e", env=USER_ENV)
+    assert code == 2 and "predicts 10 classes but data=folder" in out and "has 3" in out
+    assert "Traceback" not in out + err
+
+
+def test_summarize_names_and_skips_a_half_written_metrics_file(tmp_path, caplog):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from summarize import summarize
+
+    for job, text in (("0_seed=0", '{"epoch": 0, "val_top1": 1.0, "val_top5": 5.0, "seconds": 2.0}\n'),
+                      ("1_seed=1", '{"epoch": 0, "val_top1": 2.0, "val_top5": 6.0, "seconds": 2.0}\n{"epoch": 1, "va')):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.jsonl").write_text(text)
+    table = summarize(str(tmp_path), energy=False)
+    assert "| 0_seed=0 |" in table and "1_seed=1" not in table
+    assert f"skipping job 1_seed=1: {tmp_path}/1_seed=1/metrics.jsonl line 2 is not JSON" in caplog.text
