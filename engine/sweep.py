@@ -33,7 +33,7 @@ from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_method
-from omegaconf import open_dict, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,8 @@ class SweepPreflight(Callback):
         for value, probe in probes:
             try:
                 job_cfg = loader.load_sweep_config(config, probe)
-                with open_dict(job_cfg):  # a job sees its config without the hydra node (its interpolations need a
-                    job_cfg.pop("hydra", None)  # running job)
+                with open_dict(job_cfg):  # as a job sees it: without the hydra node, whose interpolations
+                    job_cfg.pop("hydra", None)  # need a running job
                 if self.validate is not None:
                     self.validate(job_cfg)
             except Exception as err:  # composition or validation: report which swept value broke it

@@ -9,10 +9,11 @@ Attentions: softmax SRA, EcoFormer (paper formula), Bitformer with packed scores
 kernels; ONNX: BitwiseXor + a popcount table). Random weights (latency does not depend on them), 1000 classes.
 Each model is exported by engine/deploy.py (fixed shape, as export.py writes it with dynamic=none) and quantized
 (export.py quantize=dynamic). Per thread count, one call of each (attention, runtime) pair per repeat, the order
-alternating between repeats, after two warm-up calls each; onnxruntime's idle threads do not spin (they would take
-PyTorch's cores between interleaved calls: it doubled PyTorch's 2-thread time in a first run); the table gives medians in ms and PyTorch / onnxruntime
-ratios (> 1: onnxruntime faster), with the model's energy per image by the EcoFormer paper's rules (DESIGN §6,
-models.count_model_ops, as scripts/energy.py prints it). The last stdout line is one JSON object.
+alternating between repeats, after two warm-up calls each (scripts/benchmark.py's ``time_interleaved``); onnxruntime's
+idle threads do not spin (they would take PyTorch's cores between interleaved calls: it doubled PyTorch's 2-thread time
+in a first run); the table gives medians in ms and PyTorch / onnxruntime ratios (> 1: onnxruntime faster), with the
+model's energy per image by the EcoFormer paper's rules (DESIGN §6, models.count_model_ops, as scripts/energy.py prints
+it). The last stdout line is one JSON object.
 """
 from __future__ import annotations
 
@@ -20,13 +21,12 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Callable, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: the benchmark's timing helper
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import models  # noqa: E402,F401 (registers pvtv2_*)
 from attention.bitformer import bit_kernels  # noqa: E402
 from engine import deploy  # noqa: E402
+from benchmark import time_interleaved  # noqa: E402
 from models import count_model_ops  # noqa: E402
 
 log = logging.getLogger("bench_deploy")
@@ -116,20 +117,14 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 def _measure(built: Dict[str, tuple], image: torch.Tensor, threads: int, repeats: int, model_name: str
              ) -> List[Dict[str, Any]]:
     torch.set_num_threads(threads)
-    calls = [(label, runtime, fn) for label, (model, fp32, int8, _) in built.items()
-             for runtime, fn in _runners(model, fp32, int8, image, threads).items()]
-    for _, _, fn in calls:  # warm-up
-        for _ in range(2):
-            fn()
-    times: Dict[tuple, List[float]] = {(label, runtime): [] for label, runtime, _ in calls}
-    for repeat in range(repeats):
-        for label, runtime, fn in (calls if repeat % 2 == 0 else calls[::-1]):
-            start = time.perf_counter()
-            fn()
-            times[label, runtime].append(1e3 * (time.perf_counter() - start))
+    steps = {(label, runtime): fn for label, (model, fp32, int8, _) in built.items()
+             for runtime, fn in _runners(model, fp32, int8, image, threads).items()}
+    for fn in steps.values():  # first warm-up call; time_interleaved's timed one is the second
+        fn()
+    seconds = time_interleaved(steps, repeats, torch.device("cpu"))
     rows = []
     for label, (*_, energy) in built.items():
-        ms = {runtime: statistics.median(times[label, runtime]) for runtime in RUNTIMES}
+        ms = {runtime: 1e3 * seconds[label, runtime] for runtime in RUNTIMES}
         rows.append(dict(attention=label, model=model_name, size=image.shape[-1], batch=1, threads=threads,
                          repeats=repeats, **{f"{r}_ms": ms[r] for r in RUNTIMES},
                          fp32_speedup=ms["pytorch"] / ms["ort_fp32"], int8_speedup=ms["pytorch"] / ms["ort_int8"],
