@@ -66,15 +66,17 @@ def sign_ste(y: torch.Tensor) -> torch.Tensor:
 
 
 class _KernelProjection(torch.autograd.Function):
-    """y = A(κ(u) − μ) for z (H, L, d), u = z/‖z‖: t = u·a, κ = exp((t − c)/σ), y = κAᵀ − Aμ; gradient to z only.
+    """y = A(κ(u) − μ) for z (H, L, d), u = z/‖z‖: κ = exp(s), s = (u·a − c)/σ = (z·a)·(r/σ) − c/σ with r = 1/‖z‖,
+    y = κAᵀ − Aμ; gradient to z only.
 
-    ``sigma``: (H, 1, 1), or None for the per-input bandwidth σ_bh = 2·mean_{n,j}(c_j − t_bhnj) over the tokens of
-    each of the ``images`` images (consecutive blocks of L), which the gradient passes through. Without a gradient
-    κ overwrites t. The backward is written out (fewer passes and saved tensors than autograd's), g_s = (g_y A) ⊙ κ:
+    ``sigma``: (H, 1, 1), or None for the per-input bandwidth σ_bh = 2·mean_{n,j}(c_j − u_bhn·a_j) over the tokens
+    of each of the ``images`` images (consecutive blocks of L), which the gradient passes through. s is one fused
+    pass (``addcmul``) over the product t' = z·a, and κ overwrites it in place; without a gradient κ also overwrites
+    t'. The backward is written out (fewer passes and saved tensors than autograd's), g_s = (g_y A) ⊙ κ:
 
-        fixed σ     g_t = g_s / σ
-        per input   g_t = (g_s + 2/(N·m)·Σ_{n,j} g_s ⊙ s) / σ,   s = (t − c)/σ,  N tokens per image
-        g_z = r·(g_t a − (Σ_j g_t,j t_j)·r·z),   r = 1/‖z‖ (second term zero where ‖z‖ is clamped to 1e-12)
+        fixed σ     g̃ = g_s
+        per input   g̃ = g_s + 2/(N·m)·Σ_{n,j} g_s ⊙ s,   N tokens per image
+        g_z = (r/σ)·(g̃ a − (r²·Σ_j g̃_j t'_j)·z)   (the r² term is zero where ‖z‖ is clamped to 1e-12)
     """
 
     @staticmethod
@@ -85,33 +87,35 @@ class _KernelProjection(torch.autograd.Function):
                                "are set by hash learning, not by autograd")
         H, L, _ = z.shape
         norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        inv_norm = norm.clamp_min(_NORM_EPS).reciprocal_()
-        t = torch.bmm(z, anchors_t).mul_(inv_norm)  # u·a, (H, L, m)
-        per_image = t.view(H, images, L // images, -1)
+        inv_norm = norm.clamp_min(_NORM_EPS).reciprocal_()  # r, (H, L, 1)
+        product = torch.bmm(z, anchors_t)  # t' = z·a, (H, L, m)
+        per_image = product.view(H, images, L // images, -1)
         per_input = sigma is None
-        if per_input:
-            sigma = 2.0 * (offsets.mean(-1, keepdim=True)[:, None] - per_image.mean((2, 3), keepdim=True))
+        if per_input:  # mean_{n,j} u_n·a_j = mean_n r_n Σ_j t'_nj / m: one reading pass, no normalised copy
+            mean_ua = (per_image.sum(-1, keepdim=True) * inv_norm.view(H, images, -1, 1)).mean(2, keepdim=True)
+            sigma = 2.0 * (offsets.mean(-1, keepdim=True)[:, None] - mean_ua / per_image.shape[-1])
         else:
             sigma = sigma[:, None]  # (H, 1, 1, 1)
+        scale = inv_norm.view(H, images, -1, 1) / sigma  # r/σ, (H, images, L/images, 1)
+        shift = offsets[:, None].neg() / sigma  # −c/σ, (H, images or 1, 1, m)
         keep = ctx.needs_input_grad[0]
-        shifted = per_image.sub(offsets[:, None]) if keep else per_image.sub_(offsets[:, None])
-        kernel = shifted.div_(sigma).exp_().view(H, L, -1)
+        kernel = torch.addcmul(shift, per_image, scale, out=None if keep else per_image).exp_().view(H, L, -1)
         if keep:
-            ctx.save_for_backward(z, inv_norm, norm > _NORM_EPS, t, kernel, anchors_t, offsets, proj_t, sigma)
+            ctx.save_for_backward(z, inv_norm, norm > _NORM_EPS, product, kernel, anchors_t, shift, scale, proj_t)
             ctx.images, ctx.per_input = images, per_input
         return torch.baddbmm(bias, kernel, proj_t)  # (H, L, b)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        z, inv_norm, unclamped, t, kernel, anchors_t, offsets, proj_t, sigma = ctx.saved_tensors
-        H, L, m = t.shape
-        grad = torch.bmm(grad_y, proj_t.transpose(1, 2)).mul_(kernel).view(H, ctx.images, L // ctx.images, m)
-        if ctx.per_input:  # grad currently g_s
-            s = t.view_as(grad).sub(offsets[:, None]).div_(sigma)
-            grad = grad.add(s.mul_(grad).sum((2, 3), keepdim=True), alpha=2.0 / (grad.shape[2] * m))
-        grad = grad.div_(sigma).view(H, L, m)  # g_t
-        coef = (grad * t).sum(-1, keepdim=True).mul_(inv_norm).mul_(unclamped)
-        grad_z = torch.bmm(grad, anchors_t.transpose(1, 2)).sub_(z * coef).mul_(inv_norm)
+        z, inv_norm, unclamped, product, kernel, anchors_t, shift, scale, proj_t = ctx.saved_tensors
+        H, L, m = product.shape
+        grad = torch.bmm(grad_y, proj_t.transpose(1, 2)).mul_(kernel)  # g_s, (H, L, m)
+        if ctx.per_input:
+            per_image = grad.view(H, ctx.images, L // ctx.images, m)
+            s = torch.addcmul(shift, product.view_as(per_image), scale).mul_(per_image)
+            grad = per_image.add(s.sum((2, 3), keepdim=True), alpha=2.0 / (per_image.shape[2] * m)).view(H, L, m)
+        coef = (grad * product).sum(-1, keepdim=True).mul_(inv_norm.square()).mul_(unclamped)
+        grad_z = torch.bmm(grad, anchors_t.transpose(1, 2)).sub_(z * coef).mul_(scale.view(H, L, 1))
         return grad_z, None, None, None, None, None, None
 
 
