@@ -7,6 +7,7 @@
     python scripts/benchmark.py --part bitformer --threads 1 --out bench      # XOR/popcount kernels, stage shapes
     python scripts/benchmark.py --part deploy --out bench                     # ONNX Runtime (scripts/bench_deploy.py)
     python scripts/benchmark.py --part models,bitformer --quick --sizes 32 --out /tmp/bench   # smoke run
+    python scripts/benchmark.py --part ecoformer --processes 5 --out bench    # the same in 5 fresh processes, combined
     python scripts/benchmark.py --markdown bench/ecoformer.csv                # the README speed table, from the CSV
     python scripts/benchmark.py --replot a/scaling.csv b/scaling.csv --out c  # one log-log plot of several runs
 
@@ -25,7 +26,9 @@ call are kept, and ratios are taken between steps of the same process. CPU: ``ti
 process CPU time, for one thread on a busy machine), float32.
 CUDA (``--device cuda``): CUDA events recorded around the calls (synchronised first), bf16 autocast for the models,
 peak memory from ``torch.cuda.max_memory_allocated``. ``--threads 1,2`` repeats every measurement per torch thread
-count (rows carry ``threads``).
+count (rows carry ``threads``). ``--processes N`` (model parts) runs the whole measurement in N fresh processes one
+after the other (``<out>/process_<k>/``) and writes their combination (:func:`combine_processes`) to ``<out>``: on a
+shared CPU one ratio moves more between processes (memory placement, CPU state) than between rounds of one process.
 
 Model parts: batch at size s: max(1, round(batch · min(1, (224/s)²))) (batch 64 on CUDA, 8 on CPU), the same for every
 model. infer: eval mode, no_grad; train: forward + cross-entropy + backward + AdamW step (drop path 0). Ratios are
@@ -50,6 +53,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -490,7 +494,8 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence
 def speed_table(rows: Sequence[Dict[str, object]], target: str = "EcoFormer") -> str:
     """The README speed table of ``target`` (rows of a model part, e.g. read back from ``ecoformer.csv``): per size
     the multiplications of every setup, the op-count limit of ``target``'s speed vs timm and the measured ratios
-    (inference / training) per thread count, with the share of the limit reached."""
+    (inference / training) per thread count, with the share of the limit reached (and, for rows combined by
+    ``--processes``, the ratio's range over the processes)."""
     labels = [label for label in SETUPS if any(r["label"] == label for r in rows)]
     if target not in labels or TIMM not in labels:
         raise ValueError(f"the speed table needs rows of {target!r} and {TIMM!r}; these rows have {labels}")
@@ -508,9 +513,11 @@ def speed_table(rows: Sequence[Dict[str, object]], target: str = "EcoFormer") ->
         cells.append(f"{limit:.2f}x")
         for t in threads:
             for mode in MODES:
-                r = at.get((target, t))
-                value = float(r[f"{mode}_speed_vs_timm"]) if r is not None else math.nan
-                cells.append(f"{value:.2f}x ({100 * value / limit:.0f}%)" if math.isfinite(value) else "-")
+                r = at.get((target, t)) or {}
+                value = float(r.get(f"{mode}_speed_vs_timm", math.nan))
+                low, high = (float(r.get(f"{mode}_speed_vs_timm_{end}", math.nan)) for end in ("min", "max"))
+                spread = f"; {low:.2f}-{high:.2f}x" if math.isfinite(low) else ""
+                cells.append(f"{value:.2f}x ({100 * value / limit:.0f}%{spread})" if math.isfinite(value) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -528,7 +535,9 @@ def report(part: str, tables: Tables, header: str) -> str:
             continue
         if name:
             text += [f"### {part} {name}", ""]
-        text += [markdown_table(rows, MODEL_COLUMNS if part in MODEL_PARTS and not name else None), ""]
+        model_table = part in MODEL_PARTS and not name
+        text += [markdown_table(rows, MODEL_COLUMNS + [c for c in RANGE_COLUMNS if c in rows[0]] if model_table
+                                else None), ""]
     main = tables.get("", [])
     if part in MODEL_PARTS and {"EcoFormer", TIMM} <= {r["label"] for r in main}:
         text += ["### op-count limit and measured speed (EcoFormer vs timm)", "", speed_table(main), ""]
@@ -543,7 +552,7 @@ def write_csv(path: str, records: Sequence[Dict[str, object]]) -> None:
 
 
 def read_rows(paths: Sequence[str]) -> List[Dict[str, object]]:
-    """Rows of model-part CSVs (``Row`` fields, typed) written by earlier runs."""
+    """Rows of model-part CSVs (``Row`` fields, typed, and the ``--processes`` ranges) written by earlier runs."""
     types = {f.name: f.type for f in fields(Row)}
     rows = []
     for path in paths:
@@ -553,8 +562,11 @@ def read_rows(paths: Sequence[str]) -> List[Dict[str, object]]:
                 if missing:
                     raise ValueError(f"{path} is not a model-part CSV (no column {sorted(missing)[0]!r}); "
                                      f"use the {'/'.join(MODEL_PARTS)} part's <part>.csv")
-                rows.append({k: v if types[k] == "str" else int(v) if types[k] == "int" else float(v)
-                             for k, v in record.items() if k in types})
+                row = {k: v if types[k] == "str" else int(v) if types[k] == "int" else float(v)
+                       for k, v in record.items() if k in types}
+                row.update({k: int(record[k]) if k == "processes" else float(record[k])
+                            for k in RANGE_COLUMNS if record.get(k)})  # a --processes combination
+                rows.append(row)
     return rows
 
 
@@ -590,6 +602,63 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> None:
     plt.close(fig)
 
 
+# several processes ------------------------------------------------------------------------------------------
+SPEED_RATIOS = tuple(f"{mode}_speed_vs_timm" for mode in MODES)
+RANGE_COLUMNS = ["processes"] + [f"{name}_{end}" for name in SPEED_RATIOS for end in ("min", "max")]
+
+
+def combine_processes(runs: Sequence[Sequence[Dict[str, object]]]) -> List[Dict[str, object]]:
+    """Rows of one model part from N processes -> one row per (label, size, threads), in first-seen order: the median
+    over the processes of every float column (a ratio's median is the median of the per-process ratios), the statuses
+    joined, ``processes`` (how many rows were combined) and each speed ratio's range, ``<ratio>_min`` / ``_max``."""
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for rows in runs:
+        for row in rows:
+            groups.setdefault((row["label"], row["size"], row["threads"]), []).append(row)
+    combined = []
+    for rows in groups.values():
+        out = dict(rows[0])
+        for name, value in rows[0].items():
+            if isinstance(value, float):
+                finite = [r[name] for r in rows if math.isfinite(r[name])]
+                out[name] = statistics.median(finite) if finite else math.nan
+        out["status"] = "; ".join(dict.fromkeys(str(r["status"]) for r in rows))
+        out["processes"] = len(rows)
+        for name in SPEED_RATIOS:
+            finite = [r[name] for r in rows if math.isfinite(r[name])]
+            out[f"{name}_min"], out[f"{name}_max"] = (min(finite), max(finite)) if finite else (math.nan, math.nan)
+        combined.append(out)
+    return combined
+
+
+def run_processes(args: argparse.Namespace, argv: Sequence[str], header: str) -> None:
+    """``--processes N``: ``argv`` measured by N fresh processes in turn (``<out>/process_<k>/``), then per part the
+    combined rows and the processes' extra tables (with a ``process`` column) in ``<out>``."""
+    others = [part for part in args.parts if part not in MODEL_PARTS]
+    if others:
+        raise SystemExit(f"--processes combines the model parts ({', '.join(MODEL_PARTS)}); "
+                         f"run {', '.join(others)} without it")
+    folders = [os.path.join(args.out, f"process_{k}") for k in range(args.processes)]
+    for k, folder in enumerate(folders):
+        log.info("process %d of %d -> %s", k + 1, args.processes, folder)
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--processes", "1", "--out", folder])
+        if done.returncode != 0:
+            raise SystemExit(f"process {k + 1} of {args.processes} failed (exit {done.returncode}); its log is above "
+                             f"and its outputs are in {folder}")
+    header += (f" Combined over {args.processes} processes ({args.out}/process_<k>/): medians, ratio ranges "
+               "min-max over the processes.")
+    for part in args.parts:
+        tables: Tables = {"": combine_processes([read_rows([os.path.join(f, f"{part}.csv")]) for f in folders])}
+        extras = sorted(name[len(part) + 1:-4] for name in os.listdir(folders[0])
+                        if name.startswith(f"{part}_") and name.endswith(".csv"))
+        for name in extras:
+            tables[name] = []
+            for k, folder in enumerate(folders):
+                with open(os.path.join(folder, f"{part}_{name}.csv"), newline="") as f:
+                    tables[name] += [{"process": k, **record} for record in csv.DictReader(f)]
+        write_part(args.out, part, tables, header)
+
+
 # command line --------------------------------------------------------------------------------------------------
 def int_list(text: str) -> List[int]:
     try:
@@ -619,6 +688,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="CPU timing: wall (perf_counter) or cpu (process CPU time: with --threads 1, robust to "
                              "other processes taking the cores; with more threads it sums them)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the measurement in N fresh processes one after the other and combine them "
+                             "(medians, ratio ranges; model parts only)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and batches, 1 round, hash fit on 8 images with 2 steps per bit")
     parser.add_argument("--markdown", nargs="+", metavar="CSV", default=None,
@@ -626,6 +698,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--replot", nargs="+", metavar="CSV", default=None,
                         help="measure nothing: plot the rows of model-part CSVs into --out/scaling.png")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes}: expected a positive number of processes")
     args.parts = [p.strip() for p in args.part.split(",") if p.strip()]
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown or not args.parts:
@@ -646,6 +720,20 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
                          "use --device cpu")
     return device
+
+
+def write_part(out: str, part: str, tables: Tables, header: str) -> None:
+    """Print a part's report and write ``<part>.csv`` (and ``<part>_<table>.csv``), ``<part>.md``, ``<part>.png``."""
+    text = report(part, tables, header)
+    print(text)
+    for name, rows in tables.items():
+        if rows:
+            write_csv(os.path.join(out, f"{part}_{name}.csv" if name else f"{part}.csv"), rows)
+    with open(os.path.join(out, f"{part}.md"), "w") as f:
+        f.write(text + "\n")
+    if part in MODEL_PARTS:
+        plot(tables[""], os.path.join(out, f"{part}.png"))
+    log.info("wrote %s/%s.{csv,md%s}", out, part, ",png" if part in MODEL_PARTS else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -671,19 +759,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f"px, scaled by (224/px)^2 above; peak memory "
               f"{'torch.cuda.max_memory_allocated' if args.device.type == 'cuda' else 'VmHWM - VmRSS (approximate)'} "
               "above the resting state, one step after warm-up.")
+    if args.processes > 1:
+        run_processes(args, sys.argv[1:] if argv is None else list(argv), header)
+        return
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         for part in args.parts:
-            tables = PARTS[part](args)
-            text = report(part, tables, header)
-            print(text)
-            for name, rows in tables.items():
-                if rows:
-                    write_csv(os.path.join(args.out, f"{part}_{name}.csv" if name else f"{part}.csv"), rows)
-            with open(os.path.join(args.out, f"{part}.md"), "w") as f:
-                f.write(text + "\n")
-            if part in MODEL_PARTS:
-                plot(tables[""], os.path.join(args.out, f"{part}.png"))
-            log.info("wrote %s/%s.{csv,md%s}", args.out, part, ",png" if part in MODEL_PARTS else "")
+            write_part(args.out, part, PARTS[part](args), header)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_bad_arguments_name_the_valid_choices(bench, capsys):
     for argv, expected in ((["--part", "speed"], "valid parts: models, ecoformer, bitformer, scaling, deploy"),
                            (["--setups", "EcoFormer,MSA"], "unknown setup 'MSA'; valid setups: softmax SRA"),
                            (["--threads", "0"], "expected positive integers"),
-                           (["--sizes", "224,x"], "expected a comma list of integers")):
+                           (["--sizes", "224,x"], "expected a comma list of integers"),
+                           (["--processes", "0"], "expected a positive number of processes")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert expected in capsys.readouterr().err
@@ -216,3 +217,48 @@ def test_markdown_and_replot_read_the_csv_back(bench, quick_run, tmp_path, capsy
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="not a model-part CSV"):
         bench.read_rows([str(out / "bitformer.csv")])
+
+
+def test_combine_processes_takes_medians_and_ratio_ranges(bench):
+    """Rows of three processes -> one row per (label, size, threads): medians of the numbers (a ratio's median is the
+    median of the per-process ratios), the statuses joined, the speed ratios' min-max; --markdown shows the range."""
+    def run(eco_infer, eco_train, timm_img_s, status="ok"):
+        eco = dict(label="EcoFormer", size=448, threads=1, mul_g=2.17, limit_speed_vs_timm=1.27, infer_img_s=6.0,
+                   train_img_s=2.0, infer_speed_vs_timm=eco_infer, train_speed_vs_timm=eco_train, status=status)
+        timm = dict(label="timm", size=448, threads=1, mul_g=2.75, limit_speed_vs_timm=1.0, infer_img_s=timm_img_s,
+                    train_img_s=math.nan, infer_speed_vs_timm=1.0, train_speed_vs_timm=math.nan, status="ok")
+        return [eco, timm]
+
+    rows = bench.combine_processes([run(1.06, 1.10, 5.0), run(1.16, math.nan, 7.0, "train: OOM"), run(1.09, 1.20, 6.0)])
+    assert [(r["label"], r["processes"]) for r in rows] == [("EcoFormer", 3), ("timm", 3)]
+    eco, timm = rows
+    assert (eco["infer_speed_vs_timm"], eco["infer_speed_vs_timm_min"], eco["infer_speed_vs_timm_max"]) == (1.09, 1.06,
+                                                                                                           1.16)
+    assert eco["train_speed_vs_timm"] == pytest.approx(1.15)  # NaN (a failed step) left out, median of two
+    assert (eco["train_speed_vs_timm_min"], eco["train_speed_vs_timm_max"]) == (1.10, 1.20)
+    assert eco["status"] == "ok; train: OOM" and timm["infer_img_s"] == 6.0 and math.isnan(timm["train_img_s"])
+    line = bench.speed_table(rows).splitlines()[2]
+    assert line == "| 448 | 2.75 | 2.17 | 1.27x | 1.09x (86%; 1.06-1.16x) | 1.15x (91%; 1.10-1.20x) |"
+
+
+def test_processes_run_the_measurement_in_fresh_processes_and_combine_them(bench, tmp_path, capsys):
+    out = tmp_path / "bench"
+    run = subprocess.run([sys.executable, SCRIPT, "--part", "models", "--setups", "EcoFormer,timm", "--quick",
+                          "--sizes", "32", "--device", "cpu", "--threads", "1", "--processes", "2", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    per_process = [read(out / f"process_{k}" / "models.csv")[1] for k in range(2)]
+    columns, combined = read(out / "models.csv")
+    assert columns == COLUMNS + ["processes", "infer_speed_vs_timm_min", "infer_speed_vs_timm_max",
+                                 "train_speed_vs_timm_min", "train_speed_vs_timm_max"]
+    assert [r["label"] for r in combined] == ["EcoFormer", "timm"] and {r["processes"] for r in combined} == {"2"}
+    for i, row in enumerate(combined):
+        mine = [float(p[i]["infer_speed_vs_timm"]) for p in per_process]
+        assert float(row["infer_speed_vs_timm"]) == pytest.approx(sum(mine) / 2)  # the median of two
+        assert (float(row["infer_speed_vs_timm_min"]), float(row["infer_speed_vs_timm_max"])) == (min(mine), max(mine))
+        assert float(row["train_img_s"]) == pytest.approx(sum(float(p[i]["train_img_s"]) for p in per_process) / 2)
+    assert "Combined over 2 processes" in run.stdout and (out / "models.png").exists()
+    bench.main(["--markdown", str(out / "models.csv")])
+    assert "%; " in capsys.readouterr().out  # the range beside the ratio
+    with pytest.raises(SystemExit, match="combines the model parts"):
+        bench.main(["--part", "bitformer", "--processes", "2", "--out", str(tmp_path / "b")])
