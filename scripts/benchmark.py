@@ -43,6 +43,7 @@ configs/train.yaml `hash`) against one epoch of training at the measured train i
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import ctypes
 import functools
@@ -604,13 +605,15 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> None:
 
 # several processes ------------------------------------------------------------------------------------------
 SPEED_RATIOS = tuple(f"{mode}_speed_vs_timm" for mode in MODES)
+CHILD_ENV = "ECOPVT_BENCHMARK_CHILD"
 RANGE_COLUMNS = ["processes"] + [f"{name}_{end}" for name in SPEED_RATIOS for end in ("min", "max")]
 
 
 def combine_processes(runs: Sequence[Sequence[Dict[str, object]]]) -> List[Dict[str, object]]:
     """Rows of one model part from N processes -> one row per (label, size, threads), in first-seen order: the median
     over the processes of every float column (a ratio's median is the median of the per-process ratios), the statuses
-    joined, ``processes`` (how many rows were combined) and each speed ratio's range, ``<ratio>_min`` / ``_max``."""
+    joined (with their counts where they differ), ``processes`` (how many rows were combined) and each speed ratio's
+    range over the processes where it was measured, ``<ratio>_min`` / ``_max``."""
     groups: Dict[tuple, List[Dict[str, object]]] = {}
     for rows in runs:
         for row in rows:
@@ -622,7 +625,8 @@ def combine_processes(runs: Sequence[Sequence[Dict[str, object]]]) -> List[Dict[
             if isinstance(value, float):
                 finite = [r[name] for r in rows if math.isfinite(r[name])]
                 out[name] = statistics.median(finite) if finite else math.nan
-        out["status"] = "; ".join(dict.fromkeys(str(r["status"]) for r in rows))
+        statuses = collections.Counter(str(r["status"]) for r in rows)
+        out["status"] = "; ".join(status if len(statuses) == 1 else f"{status} x{n}" for status, n in statuses.items())
         out["processes"] = len(rows)
         for name in SPEED_RATIOS:
             finite = [r[name] for r in rows if math.isfinite(r[name])]
@@ -631,31 +635,45 @@ def combine_processes(runs: Sequence[Sequence[Dict[str, object]]]) -> List[Dict[
     return combined
 
 
+def number(text: str) -> object:
+    """A CSV cell as int or float where it is one, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_records(path: str) -> List[Dict[str, object]]:
+    """The rows of any CSV this script wrote, numbers typed (:func:`number`)."""
+    with open(path, newline="") as f:
+        return [{key: number(value) for key, value in record.items()} for record in csv.DictReader(f)]
+
+
 def run_processes(args: argparse.Namespace, argv: Sequence[str], header: str) -> None:
     """``--processes N``: ``argv`` measured by N fresh processes in turn (``<out>/process_<k>/``), then per part the
     combined rows and the processes' extra tables (with a ``process`` column) in ``<out>``."""
-    others = [part for part in args.parts if part not in MODEL_PARTS]
-    if others:
-        raise SystemExit(f"--processes combines the model parts ({', '.join(MODEL_PARTS)}); "
-                         f"run {', '.join(others)} without it")
+    if os.environ.get(CHILD_ENV):
+        raise SystemExit(f"--processes {args.processes} inside a --processes child ({CHILD_ENV} is set); "
+                         "a child measures in its own process")
     folders = [os.path.join(args.out, f"process_{k}") for k in range(args.processes)]
     for k, folder in enumerate(folders):
-        log.info("process %d of %d -> %s", k + 1, args.processes, folder)
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--processes", "1", "--out", folder])
+        log.info("process_%d (%d of %d) -> %s", k, k + 1, args.processes, folder)
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--processes", "1", "--out", folder],
+                              env={**os.environ, CHILD_ENV: "1"})
         if done.returncode != 0:
-            raise SystemExit(f"process {k + 1} of {args.processes} failed (exit {done.returncode}); its log is above "
-                             f"and its outputs are in {folder}")
+            raise SystemExit(f"process_{k} ({k + 1} of {args.processes}) failed (exit {done.returncode}); its log "
+                             f"is above and its outputs are in {folder}")
     header += (f" Combined over {args.processes} processes ({args.out}/process_<k>/): medians, ratio ranges "
                "min-max over the processes.")
     for part in args.parts:
         tables: Tables = {"": combine_processes([read_rows([os.path.join(f, f"{part}.csv")]) for f in folders])}
-        extras = sorted(name[len(part) + 1:-4] for name in os.listdir(folders[0])
-                        if name.startswith(f"{part}_") and name.endswith(".csv"))
-        for name in extras:
-            tables[name] = []
-            for k, folder in enumerate(folders):
-                with open(os.path.join(folder, f"{part}_{name}.csv"), newline="") as f:
-                    tables[name] += [{"process": k, **record} for record in csv.DictReader(f)]
+        written = [{name for name in os.listdir(f) if name.startswith(f"{part}_") and name.endswith(".csv")}
+                   for f in folders]
+        for name in sorted(set.intersection(*written)):  # an extra table of every process, e.g. ecoformer_hash.csv
+            tables[name[len(part) + 1:-4]] = [{"process": k, **record} for k, f in enumerate(folders)
+                                              for record in read_records(os.path.join(f, name))]
         write_part(args.out, part, tables, header)
 
 
@@ -704,6 +722,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown or not args.parts:
         parser.error(f"unknown part {unknown[0] if unknown else args.part!r}; valid parts: {', '.join(PARTS)}")
+    others = [p for p in args.parts if p not in MODEL_PARTS]
+    if args.processes > 1 and (others or args.markdown or args.replot):
+        parser.error(f"--processes combines measurements of the model parts ({', '.join(MODEL_PARTS)}); "
+                     + (f"run {', '.join(others)} without it" if others else "--markdown and --replot read CSVs"))
     if args.setups is not None:
         args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
         bad = [s for s in args.setups if s not in SETUPS]

@@ -93,7 +93,9 @@ def test_bad_arguments_name_the_valid_choices(bench, capsys):
                            (["--setups", "EcoFormer,MSA"], "unknown setup 'MSA'; valid setups: softmax SRA"),
                            (["--threads", "0"], "expected positive integers"),
                            (["--sizes", "224,x"], "expected a comma list of integers"),
-                           (["--processes", "0"], "expected a positive number of processes")):
+                           (["--processes", "0"], "expected a positive number of processes"),
+                           (["--part", "models,bitformer", "--processes", "2"], "run bitformer without it"),
+                           (["--markdown", "a.csv", "--processes", "2"], "--markdown and --replot read CSVs")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert expected in capsys.readouterr().err
@@ -236,7 +238,8 @@ def test_combine_processes_takes_medians_and_ratio_ranges(bench):
                                                                                                            1.16)
     assert eco["train_speed_vs_timm"] == pytest.approx(1.15)  # NaN (a failed step) left out, median of two
     assert (eco["train_speed_vs_timm_min"], eco["train_speed_vs_timm_max"]) == (1.10, 1.20)
-    assert eco["status"] == "ok; train: OOM" and timm["infer_img_s"] == 6.0 and math.isnan(timm["train_img_s"])
+    assert eco["status"] == "ok x2; train: OOM x1" and timm["status"] == "ok"
+    assert timm["infer_img_s"] == 6.0 and math.isnan(timm["train_img_s"])
     line = bench.speed_table(rows).splitlines()[2]
     assert line == "| 448 | 2.75 | 2.17 | 1.27x | 1.09x (86%; 1.06-1.16x) | 1.15x (91%; 1.10-1.20x) |"
 
@@ -260,5 +263,41 @@ def test_processes_run_the_measurement_in_fresh_processes_and_combine_them(bench
     assert "Combined over 2 processes" in run.stdout and (out / "models.png").exists()
     bench.main(["--markdown", str(out / "models.csv")])
     assert "%; " in capsys.readouterr().out  # the range beside the ratio
-    with pytest.raises(SystemExit, match="combines the model parts"):
-        bench.main(["--part", "bitformer", "--processes", "2", "--out", str(tmp_path / "b")])
+
+
+def test_processes_pass_their_folder_to_each_child_and_gather_the_extra_tables(bench, tmp_path, monkeypatch):
+    """Each child gets the same arguments plus ``--processes 1 --out <out>/process_<k>`` (and the child marker); the
+    ecoformer part's extra table is gathered from every process with a ``process`` column, numbers typed."""
+    calls = []
+
+    def child(cmd, env):
+        calls.append(cmd)
+        out = cmd[cmd.index("--out", len(cmd) - 2) + 1]
+        os.makedirs(out)
+        k = len(calls) - 1
+        rows = [dict(label=label, size=32, tokens=64, batch=2, threads=1, device="cpu", dtype="float32", mul_g=0.01,
+                     infer_img_s=10.0 + k, train_img_s=5.0, infer_mem_mb=1.0, train_mem_mb=2.0,
+                     limit_speed_vs_timm=1.0, infer_speed_vs_timm=1.0 if label == "timm" else 1.1 + k / 10,
+                     train_speed_vs_timm=1.0, infer_mem_vs_timm=1.0, train_mem_vs_timm=1.0, status="ok")
+                for label in ("timm", "EcoFormer")[::1 if k == 0 else -1]]  # the second child lists them reversed
+        bench.write_csv(os.path.join(out, "ecoformer.csv"), rows)
+        bench.write_csv(os.path.join(out, "ecoformer_hash.csv"), [dict(dataset="CIFAR-100", fit_s=0.123456 + k)])
+        assert env[bench.CHILD_ENV] == "1"
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    monkeypatch.delenv(bench.CHILD_ENV, raising=False)
+    argv = ["--part", "ecoformer", "--quick", "--device", "cpu", "--processes", "2", "--out", str(tmp_path)]
+    bench.main(argv)
+    assert [c[2:] for c in calls] == [argv + ["--processes", "1", "--out", str(tmp_path / f"process_{k}")]
+                                      for k in range(2)]
+    _, rows = read(tmp_path / "ecoformer.csv")
+    assert [r["label"] for r in rows] == ["timm", "EcoFormer"]  # the first process's order
+    assert [float(r[c]) for r in rows for c in ("infer_speed_vs_timm", "infer_speed_vs_timm_max")] == pytest.approx(
+        [1.0, 1.0, 1.15, 1.2])
+    _, extra = read(tmp_path / "ecoformer_hash.csv")
+    assert [(r["process"], r["fit_s"]) for r in extra] == [("0", "0.123456"), ("1", "1.123456")]
+    assert "| 0 | CIFAR-100 | 0.12 |" in (tmp_path / "ecoformer.md").read_text()
+    monkeypatch.setenv(bench.CHILD_ENV, "1")
+    with pytest.raises(SystemExit, match="inside a --processes child"):
+        bench.main(argv)
