@@ -565,8 +565,7 @@ def read_rows(paths: Sequence[str]) -> List[Dict[str, object]]:
                                      f"use the {'/'.join(MODEL_PARTS)} part's <part>.csv")
                 row = {k: v if types[k] == "str" else int(v) if types[k] == "int" else float(v)
                        for k, v in record.items() if k in types}
-                row.update({k: int(record[k]) if k == "processes" else float(record[k])
-                            for k in RANGE_COLUMNS if record.get(k)})  # a --processes combination
+                row.update({k: number(record[k]) for k in RANGE_COLUMNS if record.get(k)})  # a --processes combination
                 rows.append(row)
     return rows
 
