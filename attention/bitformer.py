@@ -28,16 +28,15 @@ not the authors' implementation. The choices made here:
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import math
-import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hashing.native import build_kernels
 
 from . import register_attention
 from .base import AttentionBase, OpCount
@@ -48,7 +47,6 @@ EXPORT_WORD_BITS = 16  # word width of the exported graph's packed codes (one 2^
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "xor_popcount.cpp"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what pack_sign_bits reads
 
-log = logging.getLogger(__name__)
 
 
 class _SignSTE(torch.autograd.Function):
@@ -130,23 +128,6 @@ def popcount(words: torch.Tensor) -> torch.Tensor:
     return count
 
 
-def _short_hash(data: bytes) -> str:
-    return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:10]
-
-
-def _native_flags() -> Tuple[List[str], str]:
-    """(compiler flags, build-name tag): ``-march=native`` on x86-64 Linux, tagged with a hash of the CPU's feature
-    flags so that a cache shared by different machines never runs code built for another CPU."""
-    if platform.system() == "Linux" and platform.machine() == "x86_64":
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                cpu_flags = next(line for line in cpuinfo if line.startswith("flags"))
-            return ["-O3", "-march=native"], "native_" + _short_hash(cpu_flags.encode())
-        except (OSError, StopIteration):
-            pass
-    return ["-O3"], platform.machine().lower() or "generic"
-
-
 def _register_fakes() -> None:
     """Shape/dtype rules of the kernels for torch.compile and export (fake tensors never run the C++ code)."""
     @torch.library.register_fake("ecopvt::pack_sign_bits")
@@ -165,28 +146,14 @@ def bit_kernels() -> Optional[Any]:
     * ``pack_sign_bits(z (R, T)) -> (R, 1)`` words, bit t set where z_t >= 0 (as :func:`pack_bits`);
     * ``xor_popcount_scores(q (G, N), k (G, M), T) -> (G, N, M)``, s = T - 2·popcount(q XOR k).
 
-    Compiled from ``csrc/xor_popcount.cpp`` on first use (about 30 s, needs a C++ compiler and ninja) into
-    torch's extension cache (``TORCH_EXTENSIONS_DIR``); later processes reuse the built library (torch still checks
-    that ninja and the compiler are there). Where the build fails it warns once, naming the cause, and the packed
-    path uses PyTorch ops (same scores, slower).
+    Compiled from ``csrc/xor_popcount.cpp`` by :func:`hashing.native.build_kernels` (first use about 30 s, then
+    cached); where the build fails it warns once, naming the cause, and the packed path uses PyTorch ops (same
+    scores, slower).
     """
-    try:
-        from torch.utils.cpp_extension import load
-
-        flags, tag = _native_flags()
-        name = f"ecopvt_xor_popcount_{tag}_{_short_hash(KERNEL_SOURCE.read_bytes())[:8]}"
-        log.info("loading the XOR/popcount kernels (built on first use, ~30 s, then cached)")
-        load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=flags, is_python_module=False)
+    ops = build_kernels(KERNEL_SOURCE, "the XOR/popcount kernels", "packed Bitformer scores use slower PyTorch ops")
+    if ops is not None:
         _register_fakes()
-    except Exception as err:  # no compiler / ninja / headers / writable cache: fall back, say why and the fix
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
-        fix = ("make torch's extension folder writable or point TORCH_EXTENSIONS_DIR at one that is"
-               if isinstance(err, PermissionError) else "install a C++ compiler and `pip install ninja`")
-        log.warning("packed Bitformer scores use slower PyTorch ops: the XOR/popcount kernels could not be built "
-                    "(%s: %s); to enable them, %s.", type(err).__name__, reason, fix)
-        return None
-    return torch.ops.ecopvt
+    return ops
 
 
 def packed_scores(q_words: torch.Tensor, k_words: torch.Tensor, bits: int, kernel: bool = True) -> torch.Tensor:

@@ -12,22 +12,42 @@ computes and what their checkpoints were trained with: the bias term adds the qu
 weights h_nᵀh_j / D_n plus β'/D_n on j = n do not sum to one), and the kernel bandwidth σ is recomputed from
 each input, per image and head (``KernelizedHash(bandwidth="per_input")``). Both run in O(N·b·d) time and
 memory: no N×N matrix. No spatial reduction: all N tokens are keys. The hash is fitted by :mod:`hashing`
-(never by a forward pass), so a model in eval mode is a pure function of its state dict.
+(never by a forward pass), so a model in eval mode is a pure function of its state dict. At CPU inference the
+attention is one fused C++ kernel (``csrc/linear_attention.cpp``, :func:`attention_kernels`) that reads the values and
+writes the output in (B, N, C) order; :class:`_LinearAttention` is its reference and serves training.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import functools
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from hashing.kernel_hash import KernelizedHash
+from hashing.native import build_kernels, cpu_inference
 
 from . import register_attention
 from .base import AttentionBase, OpCount
 
 
 FORMULAS = ("paper", "authors")
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "linear_attention.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def attention_kernels() -> Optional[Any]:
+    """``torch.ops.ecopvt`` with the fused CPU linear attention, or None where it cannot be built (one warning,
+    then :class:`_LinearAttention`): ``linear_attention(codes (H, B, N, b), values (B, N, H, d), β, own_value) ->
+    (B, N, H·d)`` float32, values read in place (last dimension contiguous), d a multiple of 8 up to 64. Built by
+    :func:`hashing.native.build_kernels` from ``csrc/linear_attention.cpp``."""
+    ops = build_kernels(KERNEL_SOURCE, "the fused linear attention", "EcoFormer's attention uses slower PyTorch ops")
+    if ops is not None:
+        @torch.library.register_fake("ecopvt::linear_attention")
+        def _linear_attention(codes, values, beta, own_value):
+            return values.new_empty(values.shape[0], values.shape[1], values.shape[2] * values.shape[3])
+    return ops
 
 
 def attention_bias(bits: int, formula: str = "paper") -> int:
@@ -116,9 +136,13 @@ class EcoFormerAttention(AttentionBase):
         H, d = self.num_heads, self.head_dim
         qk, v = self.qk(x), self.v(x)
         codes = self.hash(qk.view(B, N, H, d))  # (B, N, H, b), a view of head-major (H, B, N, b) storage
-        out = self._attend(codes.movedim(2, 0).reshape(H * B, N, self.bits),
-                           v.view(B, N, H, d).movedim(2, 0).reshape(H * B, N, d))
-        out = out.view(H, B, N, d).movedim(0, 2).reshape(B, N, C)
+        if cpu_inference(codes, v) and d % 8 == 0 and d <= 64 and attention_kernels() is not None:
+            out = attention_kernels().linear_attention(codes.movedim(2, 0), v.float().view(B, N, H, d),
+                                                       float(self.beta), self.formula == "authors")
+        else:
+            out = self._attend(codes.movedim(2, 0).reshape(H * B, N, self.bits),
+                               v.view(B, N, H, d).movedim(2, 0).reshape(H * B, N, d))
+            out = out.view(H, B, N, d).movedim(0, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out.to(v.dtype)))
 
     def _attend(self, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """EcoFormer's kernelized hash and its self-supervised learning (DESIGN §3-4).
 
-- :class:`KernelizedHash`: the per-head hash H(u) = sign(A(κ(u) − μ)) with buffers only, straight-through backward.
+- :class:`KernelizedHash`: the per-head hash H(u) = sign(A(κ(u) − μ)) with buffers only, straight-through backward;
+  a fused C++ pass at CPU inference (:mod:`hashing.native` builds the project's C++ kernels).
 - :func:`fit_hash`: re-fit one hash on captured unit vectors (greedy KSH on attention targets).
 - :class:`HashLearningCallback`: re-fit every hash of a model every τ epochs, layer by layer.
 """

@@ -9,21 +9,29 @@ optimizer never touches them, and they travel in the state dict. ``bandwidth="pe
 released code instead: σ is recomputed at every forward from the input itself, per image and head, as the mean
 squared token-anchor distance σ_bh = mean_{n,j} ‖u_bhn − a_hj‖² (the σ buffer is then unused). The backward pass is the straight-through
 estimator of sign, ∂H/∂y = 1[|y| ≤ 1] (hardtanh's derivative), so the projection producing z still learns.
+Without a gradient on CPU, the codes come from one fused C++ pass (``csrc/kernel_hash.cpp``, :func:`hash_kernels`)
+that never stores the (L, m) kernel matrix; the PyTorch ops below are its reference and its fallback.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
+from .native import build_kernels, cpu_inference
+
 MAX_BITS = 64
 MIN_ANCHORS = 2
 BANDWIDTHS = ("fixed", "per_input")
 _NORM_EPS = 1e-12
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "kernel_hash.cpp"
+KERNEL_MAX_ANCHORS = 64  # what the fused kernel's tables hold (bits are at most MAX_BITS = 64 anyway)
 
 
 def check_hash_sizes(bits: int, anchors: int) -> None:
@@ -63,6 +71,20 @@ def sign_ste(y: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and y.requires_grad:
         return SignSTE.apply(y)
     return torch.copysign(torch.ones((), dtype=y.dtype, device=y.device), y)
+
+
+@functools.lru_cache(maxsize=None)
+def hash_kernels() -> Optional[Any]:
+    """``torch.ops.ecopvt`` with the fused CPU hash, or None where it cannot be built (one warning, then the PyTorch
+    ops): ``kernel_hash_codes(z (H, L, d), anchors (H, m, d), A (H, b, m), μ (H, m), σ (H, 1 or images), images)
+    -> (H, L, b)`` float32 ±1 codes, z any view with a contiguous last dimension. Built by
+    :func:`hashing.native.build_kernels` from ``csrc/kernel_hash.cpp``."""
+    ops = build_kernels(KERNEL_SOURCE, "the fused hash kernel", "EcoFormer's hash uses slower PyTorch ops")
+    if ops is not None:
+        @torch.library.register_fake("ecopvt::kernel_hash_codes")
+        def _kernel_hash_codes(z, anchors, projection, kernel_mean, bandwidth, images):
+            return z.new_empty(z.shape[0], z.shape[1], projection.shape[1])
+    return ops
 
 
 class _KernelProjection(torch.autograd.Function):
@@ -126,7 +148,8 @@ class KernelizedHash(nn.Module):
     Buffers: ``anchors`` (H, m, d), ``projection`` A (H, b, m), ``kernel_mean`` μ (H, m), ``bandwidth`` σ (H,).
     The initial hash is random: unit anchors, Gaussian A, σ = 2 and μ = e^(−1/2), the values of σ and μ for
     isotropic unit vectors (mean ‖u − a‖² = 2). ``bandwidth``: ``fixed`` (σ is the buffer) or ``per_input``
-    (σ from each input, which must then be (B, N, H, d): images, tokens, heads, head size).
+    (σ from each input, which must then be (B, N, H, d): images, tokens, heads, head size). Without a gradient on
+    CPU the codes come from the fused kernel (:meth:`fused_codes`), otherwise from :meth:`project`.
     """
 
     def __init__(self, num_heads: int, head_dim: int, bits: int = 16, anchors: int = 25,
@@ -171,8 +194,34 @@ class KernelizedHash(nn.Module):
         return y.view(self.num_heads, *lead, self.bits).movedim(0, -2)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., H, d) -> H(z/‖z‖): (..., H, b) in {−1, +1}, float32 or wider, straight-through gradient."""
+        """z: (..., H, d) -> H(z/‖z‖): (..., H, b) in {−1, +1}, float32 or wider, straight-through gradient.
+
+        Without a gradient, on CPU, below float64 and outside torch.compile/export: :meth:`fused_codes`."""
+        if cpu_inference(z) and self.num_anchors <= KERNEL_MAX_ANCHORS and hash_kernels() is not None:
+            return self.fused_codes(z)
         return sign_ste(self.project(z))
+
+    def fused_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (..., H, d) on CPU -> the codes of :meth:`forward` from the fused kernel (no gradient), float32.
+
+        The per-input bandwidth is computed here from the same formula as :class:`_KernelProjection`:
+        σ_bh = 2·(mean_j c_j − mean_n r_n (z_n·Σ_j a_j)/m), one product with the anchors' sum."""
+        lead = z.shape[:-2]
+        if self.per_input_bandwidth and len(lead) != 2:
+            raise ValueError(f"a per-input bandwidth needs (B, N, H, d) inputs, got shape {tuple(z.shape)}")
+        z = z.float().movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d), a view where possible
+        if self.per_input_bandwidth:
+            inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(_NORM_EPS).reciprocal_()  # (H, L)
+            mean_ua = (torch.bmm(z, self.anchors.sum(1)[..., None])[..., 0] * inv_norm).view(
+                self.num_heads, lead[0], -1).mean(-1) / self.num_anchors  # (H, B)
+            offsets = 0.5 * (1.0 + self.anchors.square().sum(-1))  # c, (H, m)
+            sigma = 2.0 * (offsets.mean(-1, keepdim=True) - mean_ua)
+        else:
+            sigma = self.bandwidth[:, None]
+        images = sigma.shape[1]
+        codes = hash_kernels().kernel_hash_codes(z, self.anchors.float(), self.projection.float(), self.kernel_mean.float(),
+                                                 sigma.float(), images)
+        return codes.view(self.num_heads, *lead, self.bits).movedim(0, -2)
 
     def register_unit_hook(self, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:
         """Call ``fn(u)`` before every forward with the unit vectors u = z/‖z‖ (..., H, d), float32, detached.

@@ -16,10 +16,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import models
-from attention.ecoformer import EcoFormerAttention, attention_bias
+from attention import ecoformer
+from attention.ecoformer import EcoFormerAttention, _LinearAttention, attention_bias
 from attention.softmax import SoftmaxAttention
 from hashing import (HashLearningCallback, KernelizedHash, attention_targets, code_loss, fit_hash,
                      neighbour_agreement, sign_ste)
+from hashing import kernel_hash
+from hashing.kernel_hash import hash_kernels
 
 torch.set_num_threads(1)
 
@@ -187,6 +190,128 @@ def test_fast_path_matches_the_reference_formula_in_float64(formula, heads):
         torch.testing.assert_close(param.grad, ref_params[name].grad, atol=1e-10, rtol=0, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(attn.eval()(x, (5, 7)), expected, atol=1e-10, rtol=0)
+
+
+@pytest.fixture
+def fused_hash():
+    ops = hash_kernels()
+    assert ops is not None, "the fused hash kernel failed to build (see the warning in the log)"
+    return ops
+
+
+@pytest.mark.parametrize("bandwidth", ["fixed", "per_input"])
+@pytest.mark.parametrize("heads, head_dim, bits, anchors", [(1, 32, 16, 25), (3, 13, 7, 9), (2, 64, 64, 64),
+                                                            (5, 8, 1, 2)])
+def test_fused_hash_equals_the_float64_reference(fused_hash, bandwidth, heads, head_dim, bits, anchors):
+    """The fused C++ codes (float32, no gradient) equal sign(project(z)) in float64 wherever |y| > 1e-4, for z read
+    in place from a Linear's (B, N, H·d) output, odd token counts (a short last tile), zero tokens, both bandwidths,
+    anchor and bit counts off the 8-lane vectors and at their 64 limit."""
+    torch.manual_seed(0)
+    hash_fn = KernelizedHash(heads, head_dim, bits, anchors, bandwidth=bandwidth)
+    with torch.no_grad():
+        hash_fn.anchors.mul_(torch.rand(heads, anchors, 1) + 0.5)
+        hash_fn.bandwidth.uniform_(0.3, 2.0)
+        linear = torch.nn.Linear(16, heads * head_dim)
+        x = torch.randn(3, 37, 16) * 2
+        x[1, 5] = 0.0
+        z = linear(x).view(3, 37, heads, head_dim)  # strided heads, not contiguous per head
+        z[1, 5] = 0.0
+        codes = hash_fn(z)
+        y = hash_fn.double().project(z.double())
+    assert codes.dtype == torch.float32 and codes.shape == (3, 37, heads, bits)
+    confident = y.abs() > 1e-4
+    assert confident.float().mean() > 0.99
+    assert torch.equal(codes[confident], torch.sign(y)[confident].float())
+    assert torch.equal(codes.abs(), torch.ones_like(codes))
+
+
+def test_forward_takes_the_fused_hash_only_without_gradient(fused_hash, monkeypatch):
+    hash_fn = KernelizedHash(2, 8, bits=4, anchors=3)
+    calls = []
+    fused = hash_fn.fused_codes
+    monkeypatch.setattr(hash_fn, "fused_codes", lambda z: calls.append(z.dtype) or fused(z))
+    z = torch.randn(2, 5, 2, 8)
+    with torch.no_grad():
+        hash_fn(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert hash_fn(z.bfloat16()).dtype == torch.float32
+    hash_fn(z.requires_grad_())  # training: the straight-through path
+    hash_fn.double()(z.double())  # float64: the PyTorch reference
+    assert calls == [torch.float32, torch.bfloat16]
+
+
+def test_fused_hash_op_schema_and_checks(fused_hash):
+    hash_fn = KernelizedHash(2, 8, bits=12, anchors=10)
+    z = torch.randn(2, 9, 8)
+    args = (hash_fn.anchors, hash_fn.projection, hash_fn.kernel_mean, hash_fn.bandwidth[:, None], 1)
+    torch.library.opcheck(fused_hash.kernel_hash_codes.default, (z, *args))
+    with pytest.raises(RuntimeError, match="float32"):
+        fused_hash.kernel_hash_codes(z.double(), *args)
+    with pytest.raises(RuntimeError, match="multiple of images"):
+        fused_hash.kernel_hash_codes(z, *args[:3], torch.ones(2, 2), 2)
+
+
+@pytest.fixture
+def fused_attention():
+    ops = ecoformer.attention_kernels()
+    assert ops is not None, "the fused linear attention failed to build (see the warning in the log)"
+    return ops
+
+
+@pytest.mark.parametrize("formula", ["paper", "authors"])
+@pytest.mark.parametrize("heads, head_dim", [(1, 32), (3, 8), (2, 64)])
+def test_fused_linear_attention_equals_the_autograd_function(fused_attention, formula, heads, head_dim):
+    """Values read in place from a Linear's (B, N, H·d) output, 67 tokens (a short last block), both formulas:
+    the C++ output equals _LinearAttention's to 1e-5."""
+    torch.manual_seed(0)
+    B, N, b = 2, 67, 12
+    beta = float(attention_bias(b, formula))
+    codes = torch.randn(heads, B, N, b).sign()
+    with torch.no_grad():
+        values = torch.nn.Linear(8, heads * head_dim)(torch.randn(B, N, 8)).view(B, N, heads, head_dim)
+        out = fused_attention.linear_attention(codes, values, beta, formula == "authors")
+        expected = _LinearAttention.apply(codes.reshape(heads * B, N, b),
+                                          values.movedim(2, 0).reshape(heads * B, N, head_dim), beta,
+                                          formula == "authors")
+    expected = expected.view(heads, B, N, head_dim).movedim(0, 2).reshape(B, N, heads * head_dim)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(fused_attention.linear_attention.default, (codes, values, beta, False))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        fused_attention.linear_attention(codes, values[..., :5], beta, False)
+
+
+@pytest.mark.parametrize("formula", ["paper", "authors"])
+def test_eval_model_with_fused_kernels_matches_the_pytorch_ops(fused_hash, fused_attention, formula, monkeypatch):
+    """A model in eval mode without gradient runs both fused kernels (and training neither); its logits equal those
+    of the PyTorch ops."""
+    model = tiny_model(formula=formula).eval()
+    x = images(2, 64)
+    calls = []
+    monkeypatch.setattr(ecoformer, "attention_kernels", lambda: calls.append("attention") or fused_attention)
+    monkeypatch.setattr(kernel_hash, "hash_kernels", lambda: calls.append("hash") or fused_hash)
+    with torch.no_grad():
+        fused = model(x)
+    assert calls.count("attention") >= 3 and calls.count("hash") >= 3  # stages 0-2 (each call checks, then runs)
+    calls.clear()
+    model.train()(x)
+    assert calls == []
+    monkeypatch.setattr(ecoformer, "attention_kernels", lambda: None)
+    monkeypatch.setattr(kernel_hash, "hash_kernels", lambda: None)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_failed_hash_kernel_build_falls_back_with_a_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING):
+        assert hash_kernels.__wrapped__() is None
+    assert "EcoFormer's hash uses slower PyTorch ops" in caplog.text and "pip install ninja" in caplog.text
 
 
 def test_kernel_projection_refuses_gradients_to_its_buffers():

@@ -86,7 +86,7 @@ at::Tensor xor_popcount_scores(const at::Tensor& q_words, const at::Tensor& k_wo
 
 }  // namespace
 
-TORCH_LIBRARY(ecopvt, m) {
+TORCH_LIBRARY_FRAGMENT(ecopvt, m) {
   m.def("pack_sign_bits(Tensor codes) -> Tensor");
   m.def("xor_popcount_scores(Tensor q_words, Tensor k_words, int bits) -> Tensor");
 }
