@@ -107,21 +107,22 @@ class EcoFormerAttention(AttentionBase):
         bits: hash bits b (1..64).
         anchors: RBF anchors m (>= 2).
         formula: ``paper`` or ``authors`` (see the module docstring); ``count_ops`` is the same for both.
+        cpu_kernels: CPU inference through the fused C++ hash and attention (False: PyTorch ops only).
     """
 
     default_stages = (0, 1, 2)
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear: bool = False, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, bits: int = 16, anchors: int = 25,
-                 formula: str = "paper") -> None:
+                 formula: str = "paper", cpu_kernels: bool = True) -> None:
         super().__init__(dim, num_heads)
         if formula not in FORMULAS:
             raise ValueError(f"formula={formula!r} is unknown; valid: {', '.join(FORMULAS)}")
         self.qk = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.hash = KernelizedHash(num_heads, self.head_dim, bits, anchors,
-                                   bandwidth="fixed" if formula == "paper" else "per_input")
-        self.bits, self.num_anchors, self.formula = bits, anchors, formula
+                                   bandwidth="fixed" if formula == "paper" else "per_input", cpu_kernel=cpu_kernels)
+        self.bits, self.num_anchors, self.formula, self.cpu_kernels = bits, anchors, formula, cpu_kernels
         self.beta = attention_bias(bits, formula)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -136,7 +137,8 @@ class EcoFormerAttention(AttentionBase):
         H, d = self.num_heads, self.head_dim
         qk, v = self.qk(x), self.v(x)
         codes = self.hash(qk.view(B, N, H, d))  # (B, N, H, b), a view of head-major (H, B, N, b) storage
-        if cpu_inference(codes, v) and d % 8 == 0 and d <= 64 and attention_kernels() is not None:
+        if (self.cpu_kernels and cpu_inference(codes, v) and d % 8 == 0 and d <= 64
+                and attention_kernels() is not None):
             out = attention_kernels().linear_attention(codes.movedim(2, 0), v.float().view(B, N, H, d),
                                                        float(self.beta), self.formula == "authors")
         else:

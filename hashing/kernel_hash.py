@@ -149,17 +149,19 @@ class KernelizedHash(nn.Module):
     The initial hash is random: unit anchors, Gaussian A, σ = 2 and μ = e^(−1/2), the values of σ and μ for
     isotropic unit vectors (mean ‖u − a‖² = 2). ``bandwidth``: ``fixed`` (σ is the buffer) or ``per_input``
     (σ from each input, which must then be (B, N, H, d): images, tokens, heads, head size). Without a gradient on
-    CPU the codes come from the fused kernel (:meth:`fused_codes`), otherwise from :meth:`project`.
+    CPU the codes come from the fused kernel (:meth:`fused_codes`; ``cpu_kernel=False``: never), otherwise from
+    :meth:`project`.
     """
 
     def __init__(self, num_heads: int, head_dim: int, bits: int = 16, anchors: int = 25,
-                 bandwidth: str = "fixed") -> None:
+                 bandwidth: str = "fixed", cpu_kernel: bool = True) -> None:
         super().__init__()
         check_hash_sizes(bits, anchors)
         if bandwidth not in BANDWIDTHS:
             raise ValueError(f"bandwidth={bandwidth!r} is unknown; valid: {', '.join(BANDWIDTHS)}")
         self.num_heads, self.head_dim, self.bits, self.num_anchors = num_heads, head_dim, bits, anchors
         self.per_input_bandwidth = bandwidth == "per_input"
+        self.cpu_kernel = cpu_kernel
         self.register_buffer("anchors", F.normalize(torch.randn(num_heads, anchors, head_dim), dim=-1))
         self.register_buffer("projection", torch.randn(num_heads, bits, anchors))
         self.register_buffer("kernel_mean", torch.full((num_heads, anchors), math.exp(-0.5)))
@@ -197,7 +199,8 @@ class KernelizedHash(nn.Module):
         """z: (..., H, d) -> H(z/‖z‖): (..., H, b) in {−1, +1}, float32 or wider, straight-through gradient.
 
         Without a gradient, on CPU, below float64 and outside torch.compile/export: :meth:`fused_codes`."""
-        if cpu_inference(z) and self.num_anchors <= KERNEL_MAX_ANCHORS and hash_kernels() is not None:
+        if (self.cpu_kernel and cpu_inference(z) and self.num_anchors <= KERNEL_MAX_ANCHORS
+                and hash_kernels() is not None):
             return self.fused_codes(z)
         return sign_ste(self.project(z))
 

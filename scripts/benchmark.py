@@ -11,10 +11,12 @@
     python scripts/benchmark.py --markdown bench/ecoformer.csv                # the README speed table, from the CSV
     python scripts/benchmark.py --replot a/scaling.csv b/scaling.csv --out c  # one log-log plot of several runs
 
-Parts (``PARTS``): ``models`` (all SETUPS, default 224 px), ``scaling`` (all SETUPS, 224/448/896 px),
+Parts (``PARTS``): ``models`` (DEFAULT_SETUPS, default 224 px), ``scaling`` (DEFAULT_SETUPS, 224/448/896 px),
 ``ecoformer`` (EcoFormer, Bitformer float, softmax SRA and timm at 224/448/896 px, plus one hash re-fit), ``bitformer``
 (score kernels and attention modules at pvtv2_b0's stage shapes), ``deploy`` (``run(args) -> rows`` of
-scripts/bench_deploy.py, the ONNX export's). ``--setups`` replaces a model part's setups.
+scripts/bench_deploy.py, the ONNX export's). ``--setups`` replaces a model part's setups; ``EcoFormer PyTorch ops``
+(EcoFormer with ``attn.cpu_kernels=false``: its C++ CPU inference kernels off) runs only when named there, e.g.
+``--part models --setups "EcoFormer,EcoFormer PyTorch ops,timm" --sizes 224,448`` for their same-process A/B.
 
 Outputs in ``--out``: ``<part>.csv`` (one row per measurement), ``<part>_<table>.csv`` for a part's extra table
 (``ecoformer_hash.csv``), ``<part>.md`` (the tables printed) and ``<part>.png`` for the model parts (log-log: ms and
@@ -82,10 +84,13 @@ SETUPS: Dict[str, Optional[List[str]]] = {
     "softmax SRA": ["attn=softmax"],
     "softmax MSA": ["attn=softmax", "attn.sr=false"],
     "EcoFormer": ["attn=ecoformer"],
+    "EcoFormer PyTorch ops": ["attn=ecoformer", "attn.cpu_kernels=false"],
     "Bitformer float": ["attn=bitformer", "attn.score_path=float"],
     "Bitformer packed": ["attn=bitformer", "attn.score_path=packed"],
     TIMM: None,
 }
+OPTIONAL_SETUPS = ("EcoFormer PyTorch ops",)  # only with --setups: EcoFormer's C++ CPU kernels off, for A/B
+DEFAULT_SETUPS = [label for label in SETUPS if label not in OPTIONAL_SETUPS]
 HASH_SHAPES = [("CIFAR-100", 32, 50_000), ("ImageNet", 224, 1_281_167)]
 MODES = ("infer", "train")
 Step = Callable[[], object]
@@ -368,12 +373,12 @@ def hash_cost(args: argparse.Namespace, rows: List[Dict[str, object]]) -> List[D
 
 def part_models(args: argparse.Namespace) -> Tables:
     """Every setup against timm at ``--sizes`` (default 224 px)."""
-    return {"": bench_models(args, args.setups or list(SETUPS), args.sizes or [224])}
+    return {"": bench_models(args, args.setups or DEFAULT_SETUPS, args.sizes or [224])}
 
 
 def part_scaling(args: argparse.Namespace) -> Tables:
     """Every setup against timm at ``--sizes`` (default 224, 448, 896 px), for the log-log plot."""
-    return {"": bench_models(args, args.setups or list(SETUPS), args.sizes or [224, 448, 896])}
+    return {"": bench_models(args, args.setups or DEFAULT_SETUPS, args.sizes or [224, 448, 896])}
 
 
 def part_ecoformer(args: argparse.Namespace) -> Tables:

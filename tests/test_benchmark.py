@@ -246,15 +246,17 @@ def test_combine_processes_takes_medians_and_ratio_ranges(bench):
 
 def test_processes_run_the_measurement_in_fresh_processes_and_combine_them(bench, tmp_path, capsys):
     out = tmp_path / "bench"
-    run = subprocess.run([sys.executable, SCRIPT, "--part", "models", "--setups", "EcoFormer,timm", "--quick",
-                          "--sizes", "32", "--device", "cpu", "--threads", "1", "--processes", "2", "--out", str(out)],
+    run = subprocess.run([sys.executable, SCRIPT, "--part", "models", "--setups", "EcoFormer,EcoFormer PyTorch ops,timm",
+                          "--quick", "--sizes", "32", "--device", "cpu", "--threads", "1", "--processes", "2",
+                          "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     per_process = [read(out / f"process_{k}" / "models.csv")[1] for k in range(2)]
     columns, combined = read(out / "models.csv")
     assert columns == COLUMNS + ["processes", "infer_speed_vs_timm_min", "infer_speed_vs_timm_max",
                                  "train_speed_vs_timm_min", "train_speed_vs_timm_max"]
-    assert [r["label"] for r in combined] == ["EcoFormer", "timm"] and {r["processes"] for r in combined} == {"2"}
+    assert [r["label"] for r in combined] == ["EcoFormer", "EcoFormer PyTorch ops", "timm"]  # the optional setup too
+    assert {r["processes"] for r in combined} == {"2"} and {r["status"] for r in combined} == {"ok"}
     for i, row in enumerate(combined):
         mine = [float(p[i]["infer_speed_vs_timm"]) for p in per_process]
         assert float(row["infer_speed_vs_timm"]) == pytest.approx(sum(mine) / 2)  # the median of two

@@ -14,6 +14,9 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 import train
+from attention.bitformer import bit_kernels
+from attention.ecoformer import attention_kernels
+from hashing.kernel_hash import hash_kernels
 from engine import checkpoint as ckpt_io
 from engine.data import build_dataset
 from helpers import ROOT, export_cifar, run
@@ -345,3 +348,20 @@ def test_summarize_names_and_skips_a_half_written_metrics_file(tmp_path, caplog)
     table = summarize(str(tmp_path), energy=False)
     assert "| 0_seed=0 |" in table and "1_seed=1" not in table
     assert f"skipping job 1_seed=1: {tmp_path}/1_seed=1/metrics.jsonl line 2 is not JSON" in caplog.text
+
+
+@pytest.mark.parametrize("loader, fallback", [(bit_kernels, "packed Bitformer scores use slower PyTorch ops"),
+                                              (hash_kernels, "EcoFormer's hash uses slower PyTorch ops"),
+                                              (attention_kernels, "EcoFormer's attention uses slower PyTorch ops")])
+def test_failed_kernel_build_falls_back_with_a_warning(loader, fallback, monkeypatch, caplog):
+    """Without a compiler or ninja, every C++ kernel loader returns None (its caller then uses PyTorch ops) after one
+    warning that names the cause and the fix."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level("WARNING"):
+        assert loader.__wrapped__() is None
+    assert fallback in caplog.text and "Ninja is required" in caplog.text and "pip install ninja" in caplog.text
