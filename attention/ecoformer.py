@@ -107,7 +107,8 @@ class EcoFormerAttention(AttentionBase):
         bits: hash bits b (1..64).
         anchors: RBF anchors m (>= 2).
         formula: ``paper`` or ``authors`` (see the module docstring); ``count_ops`` is the same for both.
-        cpu_kernels: CPU inference through the fused C++ hash and attention (False: PyTorch ops only).
+        cpu_kernels: CPU inference through the fused C++ hash and attention (False: PyTorch ops only); one switch,
+            ``attn.hash.cpu_kernel``, serves both.
     """
 
     default_stages = (0, 1, 2)
@@ -122,7 +123,7 @@ class EcoFormerAttention(AttentionBase):
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.hash = KernelizedHash(num_heads, self.head_dim, bits, anchors,
                                    bandwidth="fixed" if formula == "paper" else "per_input", cpu_kernel=cpu_kernels)
-        self.bits, self.num_anchors, self.formula, self.cpu_kernels = bits, anchors, formula, cpu_kernels
+        self.bits, self.num_anchors, self.formula = bits, anchors, formula
         self.beta = attention_bias(bits, formula)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -137,7 +138,7 @@ class EcoFormerAttention(AttentionBase):
         H, d = self.num_heads, self.head_dim
         qk, v = self.qk(x), self.v(x)
         codes = self.hash(qk.view(B, N, H, d))  # (B, N, H, b), a view of head-major (H, B, N, b) storage
-        if (self.cpu_kernels and cpu_inference(codes, v) and d % 8 == 0 and d <= 64
+        if (self.hash.cpu_kernel and cpu_inference(codes, v) and d % 8 == 0 and d <= 64
                 and attention_kernels() is not None):
             out = attention_kernels().linear_attention(codes.movedim(2, 0), v.float().view(B, N, H, d),
                                                        float(self.beta), self.formula == "authors")

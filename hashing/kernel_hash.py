@@ -179,9 +179,7 @@ class KernelizedHash(nn.Module):
         storage is head-major (a view of (H, ..., d)) is read in place and y is returned as a view of a head-major
         (H, ..., b) tensor, so no head permutation is copied.
         """
-        lead = z.shape[:-2]
-        if self.per_input_bandwidth and len(lead) != 2:
-            raise ValueError(f"a per-input bandwidth needs (B, N, H, d) inputs, got shape {tuple(z.shape)}")
+        lead = self._check_input(z)
         dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(z.device.type, enabled=False):
             z = z.to(dtype).movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d)
@@ -207,24 +205,30 @@ class KernelizedHash(nn.Module):
     def fused_codes(self, z: torch.Tensor) -> torch.Tensor:
         """z: (..., H, d) on CPU -> the codes of :meth:`forward` from the fused kernel (no gradient), float32.
 
-        The per-input bandwidth is computed here from the same formula as :class:`_KernelProjection`:
-        σ_bh = 2·(mean_j c_j − mean_n r_n (z_n·Σ_j a_j)/m), one product with the anchors' sum."""
-        lead = z.shape[:-2]
-        if self.per_input_bandwidth and len(lead) != 2:
-            raise ValueError(f"a per-input bandwidth needs (B, N, H, d) inputs, got shape {tuple(z.shape)}")
-        z = z.float().movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d), a view where possible
-        if self.per_input_bandwidth:
-            inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(_NORM_EPS).reciprocal_()  # (H, L)
-            mean_ua = (torch.bmm(z, self.anchors.sum(1)[..., None])[..., 0] * inv_norm).view(
-                self.num_heads, lead[0], -1).mean(-1) / self.num_anchors  # (H, B)
-            offsets = 0.5 * (1.0 + self.anchors.square().sum(-1))  # c, (H, m)
-            sigma = 2.0 * (offsets.mean(-1, keepdim=True) - mean_ua)
-        else:
-            sigma = self.bandwidth[:, None]
-        images = sigma.shape[1]
-        codes = hash_kernels().kernel_hash_codes(z, self.anchors.float(), self.projection.float(), self.kernel_mean.float(),
-                                                 sigma.float(), images)
+        The per-input bandwidth is computed here (two more passes over z) from the same formula as
+        :class:`_KernelProjection`: σ_bh = 2·(mean_j c_j − mean_n r_n (z_n·Σ_j a_j)/m), one product with the
+        anchors' sum."""
+        lead = self._check_input(z)
+        with torch.autocast("cpu", enabled=False):
+            z = z.float().movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d), a view if possible
+            anchors = self.anchors.float()
+            if self.per_input_bandwidth:
+                inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(_NORM_EPS).reciprocal_()  # (H, L)
+                mean_ua = (torch.bmm(z, anchors.sum(1)[..., None])[..., 0] * inv_norm).view(
+                    self.num_heads, lead[0], -1).mean(-1) / self.num_anchors  # (H, B)
+                offsets = 0.5 * (1.0 + anchors.square().sum(-1))  # c, (H, m)
+                sigma = 2.0 * (offsets.mean(-1, keepdim=True) - mean_ua)
+            else:
+                sigma = self.bandwidth.float()[:, None]
+            codes = hash_kernels().kernel_hash_codes(z, anchors, self.projection.float(), self.kernel_mean.float(),
+                                                     sigma, sigma.shape[1])
         return codes.view(self.num_heads, *lead, self.bits).movedim(0, -2)
+
+    def _check_input(self, z: torch.Tensor) -> torch.Size:
+        """The leading shape of z (..., H, d); ``ValueError`` where a per-input bandwidth lacks (B, N, H, d)."""
+        if self.per_input_bandwidth and z.dim() != 4:
+            raise ValueError(f"a per-input bandwidth needs (B, N, H, d) inputs, got shape {tuple(z.shape)}")
+        return z.shape[:-2]
 
     def register_unit_hook(self, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:
         """Call ``fn(u)`` before every forward with the unit vectors u = z/‖z‖ (..., H, d), float32, detached.

@@ -5,7 +5,8 @@ ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``); later processes 
 library name carries a hash of the source and, on x86-64 Linux, of the CPU's feature flags (``-march=native``), so a
 cache shared by different machines or versions never runs another build. Where the build fails, the caller's
 PyTorch ops are used instead and one warning names the cause and the fix. Used by :mod:`hashing.kernel_hash`
-(the kernelized hash) and :mod:`attention.bitformer` (XOR/popcount scores).
+(the kernelized hash), :mod:`attention.ecoformer` (the linear attention) and :mod:`attention.bitformer`
+(XOR/popcount scores).
 """
 from __future__ import annotations
 
@@ -26,16 +27,20 @@ def short_hash(data: bytes) -> str:
 
 
 def native_flags() -> Tuple[List[str], str]:
-    """(compiler flags, build-name tag): ``-march=native`` on x86-64 Linux, tagged with a hash of the CPU's feature
-    flags. ``-fno-trapping-math`` (no floating-point traps, results unchanged) lets loops with conversions vectorise."""
+    """(compiler flags, build-name tag). ``-fno-trapping-math`` (no floating-point traps, results unchanged) lets
+    loops with conversions vectorise. On Linux ``-fopenmp``: ``at::parallel_for`` is a header template that runs on
+    one thread unless the extension itself is built with OpenMP (torch's Linux wheels use the same libgomp). On x86-64
+    Linux ``-march=native``, tagged with a hash of the CPU's feature flags."""
     flags = ["-O3", "-fno-trapping-math"]
-    if platform.system() == "Linux" and platform.machine() == "x86_64":
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                cpu_flags = next(line for line in cpuinfo if line.startswith("flags"))
-            return flags + ["-march=native"], "native_" + short_hash(cpu_flags.encode())
-        except (OSError, StopIteration):
-            pass
+    if platform.system() == "Linux":
+        flags.append("-fopenmp")
+        if platform.machine() == "x86_64":
+            try:
+                with open("/proc/cpuinfo") as cpuinfo:
+                    cpu_flags = next(line for line in cpuinfo if line.startswith("flags"))
+                return flags + ["-march=native"], "native_" + short_hash(cpu_flags.encode())
+            except (OSError, StopIteration):
+                pass
     return flags, platform.machine().lower() or "generic"
 
 
@@ -47,16 +52,22 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
+def library_name(source: Path) -> str:
+    """The extension's name in torch's cache: source stem, build tag and a hash of the source."""
+    return f"ecopvt_{source.stem}_{native_flags()[1]}_{short_hash(source.read_bytes())[:8]}"
+
+
 def build_kernels(source: Path, what: str, fallback: str) -> Optional[Any]:
     """Build (or load from the cache) ``source`` and return ``torch.ops.ecopvt``; None where that fails, after one
     warning "``fallback``: ``what`` could not be built (cause); to enable them, fix". Callers cache the result."""
     try:
         from torch.utils.cpp_extension import load
 
-        flags, tag = native_flags()
-        name = f"ecopvt_{source.stem}_{tag}_{short_hash(source.read_bytes())[:8]}"
+        flags, _ = native_flags()
+        name = library_name(source)
         log.info("loading %s (built on first use, ~30 s, then cached)", what)
-        load(name=name, sources=[str(source)], extra_cflags=flags, is_python_module=False)
+        load(name=name, sources=[str(source)], extra_cflags=flags,
+             extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], is_python_module=False)
     except Exception as err:  # no compiler / ninja / headers / writable cache: fall back, say why and the fix
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")

@@ -192,10 +192,16 @@ def test_fast_path_matches_the_reference_formula_in_float64(formula, heads):
         torch.testing.assert_close(attn.eval()(x, (5, 7)), expected, atol=1e-10, rtol=0)
 
 
+def test_fused_kernels_build():
+    assert hash_kernels() is not None, "the fused hash kernel failed to build (see the warning in the log)"
+    assert ecoformer.attention_kernels() is not None, "the fused attention failed to build (see the warning)"
+
+
 @pytest.fixture
 def fused_hash():
     ops = hash_kernels()
-    assert ops is not None, "the fused hash kernel failed to build (see the warning in the log)"
+    if ops is None:
+        pytest.skip("the fused hash kernel is not built here: EcoFormer runs on PyTorch ops")
     return ops
 
 
@@ -235,8 +241,9 @@ def test_forward_takes_the_fused_hash_only_without_gradient(fused_hash, monkeypa
         hash_fn(z)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert hash_fn(z.bfloat16()).dtype == torch.float32
-    hash_fn(z.requires_grad_())  # training: the straight-through path
-    hash_fn.double()(z.double())  # float64: the PyTorch reference
+    with torch.no_grad():
+        hash_fn.double()(z.double())  # float64: the PyTorch reference
+    hash_fn.float()(z.requires_grad_())  # training: the straight-through path
     assert calls == [torch.float32, torch.bfloat16]
 
 
@@ -254,22 +261,29 @@ def test_fused_hash_op_schema_and_checks(fused_hash):
 @pytest.fixture
 def fused_attention():
     ops = ecoformer.attention_kernels()
-    assert ops is not None, "the fused linear attention failed to build (see the warning in the log)"
+    if ops is None:
+        pytest.skip("the fused linear attention is not built here: EcoFormer runs on PyTorch ops")
     return ops
 
 
 @pytest.mark.parametrize("formula", ["paper", "authors"])
-@pytest.mark.parametrize("heads, head_dim", [(1, 32), (3, 8), (2, 64)])
-def test_fused_linear_attention_equals_the_autograd_function(fused_attention, formula, heads, head_dim):
-    """Values read in place from a Linear's (B, N, H·d) output, 67 tokens (a short last block), both formulas:
+@pytest.mark.parametrize("heads, head_dim, b, B, N", [(1, 32, 12, 2, 67), (3, 8, 7, 2, 67), (2, 64, 16, 2, 67),
+                                                      (1, 40, 13, 1, 600)])
+def test_fused_linear_attention_equals_the_autograd_function(fused_attention, formula, heads, head_dim, b, B, N):
+    """Values read in place from a Linear's (B, N, H·d) output, a short last block of tokens, bits off the 4-row
+    blocks, one image and head of 600 tokens (its summaries over two token ranges on two threads), both formulas:
     the C++ output equals _LinearAttention's to 1e-5."""
     torch.manual_seed(0)
-    B, N, b = 2, 67, 12
     beta = float(attention_bias(b, formula))
     codes = torch.randn(heads, B, N, b).sign()
     with torch.no_grad():
         values = torch.nn.Linear(8, heads * head_dim)(torch.randn(B, N, 8)).view(B, N, heads, head_dim)
-        out = fused_attention.linear_attention(codes, values, beta, formula == "authors")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # a single image and head is split over two token ranges (N >= 512)
+        try:
+            out = fused_attention.linear_attention(codes, values, beta, formula == "authors")
+        finally:
+            torch.set_num_threads(threads)
         expected = _LinearAttention.apply(codes.reshape(heads * B, N, b),
                                           values.movedim(2, 0).reshape(heads * B, N, head_dim), beta,
                                           formula == "authors")
@@ -292,7 +306,7 @@ def test_eval_model_with_fused_kernels_matches_the_pytorch_ops(fused_hash, fused
     monkeypatch.setattr(kernel_hash, "hash_kernels", lambda: calls.append("hash") or fused_hash)
     with torch.no_grad():
         fused = model(x)
-        assert calls.count("attention") >= 3 and calls.count("hash") >= 3  # stages 0-2 (each checks, then runs)
+        assert calls.count("attention") == 6 and calls.count("hash") == 6  # stages 0-2, each checks, then runs
         calls.clear()
         expected = reference(x)
     model.train()(x)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import train
 from attention.bitformer import bit_kernels
 from attention.ecoformer import attention_kernels
 from hashing.kernel_hash import hash_kernels
+from hashing.native import library_name
 from engine import checkpoint as ckpt_io
 from engine.data import build_dataset
 from helpers import ROOT, export_cifar, run
@@ -365,3 +367,19 @@ def test_failed_kernel_build_falls_back_with_a_warning(loader, fallback, monkeyp
     with caplog.at_level("WARNING"):
         assert loader.__wrapped__() is None
     assert fallback in caplog.text and "Ninja is required" in caplog.text and "pip install ninja" in caplog.text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenMP builds are Linux-only (native_flags)")
+@pytest.mark.parametrize("loader", [bit_kernels, hash_kernels, attention_kernels])
+def test_kernels_are_built_with_openmp(loader):
+    """at::parallel_for is a header template: without -fopenmp an extension runs it on one thread whatever
+    torch.set_num_threads says. A library built with OpenMP calls libgomp's GOMP_parallel."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if loader() is None:
+        pytest.skip("the C++ kernels are not built here (no compiler)")
+    source = {bit_kernels: "attention/csrc/xor_popcount.cpp", hash_kernels: "hashing/csrc/kernel_hash.cpp",
+              attention_kernels: "attention/csrc/linear_attention.cpp"}[loader]
+    name = library_name(Path(ROOT) / source)
+    library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    assert b"GOMP_parallel" in library.read_bytes(), library

@@ -6,7 +6,8 @@
 //
 // Values are read in place from the value projection's (B, N, C) output (heads strided, last dimension
 // contiguous) and the output is written in (B, N, C) order, so no head permutation is copied either way. Two passes:
-// the summaries of each (head, image), then every token's output; float32, ATen's intra-op threads.
+// the summaries of each (head, image) (over token ranges, then summed), then every token's output; float32, ATen's
+// intra-op threads.
 // ecoformer.py's _LinearAttention is the reference this kernel is tested against and the fallback where it cannot
 // be built.
 
@@ -105,8 +106,8 @@ at::Tensor linear_attention(const at::Tensor& codes_in, const at::Tensor& values
   const int64_t d = values.size(3);
   TORCH_CHECK(values.size(0) == B && values.size(1) == N && values.size(2) == H,
               "linear_attention: values ", values.sizes(), " do not match codes ", codes_in.sizes());
-  TORCH_CHECK(d % kLanes == 0 && d <= kLanes * kMaxVecs, "linear_attention: head size ", d,
-              " is not a multiple of 8 up to 64");
+  TORCH_CHECK(d >= kLanes && d % kLanes == 0 && d <= kLanes * kMaxVecs, "linear_attention: head size ", d,
+              " is not a multiple of 8 from 8 to 64");
   TORCH_CHECK(codes_in.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "linear_attention: codes and values must be float32");
   const at::Tensor codes = codes_in.contiguous();
@@ -118,16 +119,31 @@ at::Tensor linear_attention(const at::Tensor& codes_in, const at::Tensor& values
   static constexpr auto kTable = kernel_table(std::make_integer_sequence<int, kMaxVecs>{});
   const Kernels fns = kTable[dv - 1];
 
+  // Pass 1: the summaries, over `chunks` token ranges per group (so that one image and head still uses every
+  // thread), then summed per group.
   const int64_t groups = H * B;  // g = h·B + image
-  std::vector<Vec> summary(groups * b * dv), value_sum(groups * dv);
-  std::vector<float> code_sum(groups * b);
-  at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
-    for (int64_t g = first; g < last; ++g) {
-      const int64_t h = g / B, image = g % B;
-      fns.summarise_fn(cp + g * N * b, vp + image * vs0 + h * vs2, vs1, N, b, summary.data() + g * b * dv,
-                       code_sum.data() + g * b, value_sum.data() + g * dv);
+  const int64_t threads_per_group = (at::get_num_threads() + groups - 1) / groups;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(N / 256, threads_per_group));
+  const int64_t chunk_size = (N + chunks - 1) / chunks;
+  std::vector<Vec> partial_summary(groups * chunks * b * dv), partial_value_sum(groups * chunks * dv);
+  std::vector<float> partial_code_sum(groups * chunks * b);
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t g = task / chunks, h = g / B, image = g % B;
+      const int64_t begin = (task % chunks) * chunk_size, rows = std::max<int64_t>(0, std::min(chunk_size, N - begin));
+      fns.summarise_fn(cp + (g * N + begin) * b, vp + image * vs0 + begin * vs1 + h * vs2, vs1, rows, b,
+                       partial_summary.data() + task * b * dv, partial_code_sum.data() + task * b,
+                       partial_value_sum.data() + task * dv);
     }
   });
+  std::vector<Vec> summary(groups * b * dv, Vec{}), value_sum(groups * dv, Vec{});
+  std::vector<float> code_sum(groups * b, 0.0f);
+  for (int64_t task = 0; task < groups * chunks; ++task) {
+    const int64_t g = task / chunks;
+    for (int64_t i = 0; i < b * dv; ++i) summary[g * b * dv + i] += partial_summary[task * b * dv + i];
+    for (int64_t i = 0; i < b; ++i) code_sum[g * b + i] += partial_code_sum[task * b + i];
+    for (int64_t i = 0; i < dv; ++i) value_sum[g * dv + i] += partial_value_sum[task * dv + i];
+  }
 
   at::Tensor out = at::empty({B, N, H * d}, v.options().memory_format(at::MemoryFormat::Contiguous));
   float* op = out.data_ptr<float>();

@@ -2,7 +2,7 @@
 // head, rows split over ATen's intra-op threads, no (L, m) intermediate in memory:
 //
 //   kernel_hash_codes(z (H, L, d), anchors (H, m, d), projection A (H, b, m), kernel_mean μ (H, m),
-//                     bandwidth σ (H,) or (H, images), images) -> codes (H, L, b) in {-1, +1}
+//                     bandwidth σ (H, 1) or (H, images), images) -> codes (H, L, b) in {-1, +1}
 //
 //   r = 1 / max(‖z‖, 1e-12),  s_j = (z·a_j)·(r/σ) - c_j/σ  with c_j = (1 + ‖a_j‖²)/2,  κ_j = exp(s_j),
 //   y = A κ - A μ,  code = copysign(1, y).
@@ -36,10 +36,10 @@ constexpr int kMaxVecs = 8;  // anchors and bits up to 64 (8 vectors of 8)
 
 inline Vec broadcast(float x) { return Vec{} + x; }
 
-// exp(x) for x <= 0 (s_j = -‖u - a_j‖²/(2σ)), clamped below at -87 (exp underflows to ~1e-38 there).
+// exp(x) for x <= 0 (s_j = -‖u - a_j‖²/(2σ)), clamped to [-87, 0] (exp underflows to ~1e-38 at -87).
 inline Vec exp_nonpositive(Vec x) {
   x = x > 0.0f ? broadcast(0.0f) : x;
-  x = x < -87.0f ? broadcast(-87.0f) : x;
+  x = x >= -87.0f ? x : broadcast(-87.0f);  // also NaN -> -87: the shift below stays defined
   const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2): 1.5·2^23 trick
   const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;             // x - n·ln2 in two parts (Cody-Waite)
   Vec p = broadcast(1.9875691500e-4f);
