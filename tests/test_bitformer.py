@@ -14,6 +14,7 @@ import models
 from attention import create_attention
 from attention.bitformer import (BitformerAttention, bit_kernels, bit_scores, pack_bits, packed_scores, popcount,
                                  sign_ste, word_dtype)
+from helpers import built_kernels
 
 torch.set_num_threads(1)
 
@@ -91,10 +92,7 @@ def test_kernels_build_where_a_compiler_exists():
 
 @pytest.fixture
 def kernels():
-    ops = bit_kernels()
-    if ops is None:
-        pytest.skip("the XOR/popcount kernels are not built here: the packed path runs on PyTorch ops")
-    return ops
+    return built_kernels(bit_kernels, "the XOR/popcount kernels")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

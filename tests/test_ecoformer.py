@@ -23,6 +23,7 @@ from hashing import (HashLearningCallback, KernelizedHash, attention_targets, co
                      neighbour_agreement, sign_ste)
 from hashing import kernel_hash
 from hashing.kernel_hash import hash_kernels
+from helpers import built_kernels
 
 torch.set_num_threads(1)
 
@@ -199,10 +200,7 @@ def test_fused_kernels_build():
 
 @pytest.fixture
 def fused_hash():
-    ops = hash_kernels()
-    if ops is None:
-        pytest.skip("the fused hash kernel is not built here: EcoFormer runs on PyTorch ops")
-    return ops
+    return built_kernels(hash_kernels, "the fused hash kernel")
 
 
 @pytest.mark.parametrize("bandwidth", ["fixed", "per_input"])
@@ -260,10 +258,7 @@ def test_fused_hash_op_schema_and_checks(fused_hash):
 
 @pytest.fixture
 def fused_attention():
-    ops = ecoformer.attention_kernels()
-    if ops is None:
-        pytest.skip("the fused linear attention is not built here: EcoFormer runs on PyTorch ops")
-    return ops
+    return built_kernels(ecoformer.attention_kernels, "the fused linear attention")
 
 
 @pytest.mark.parametrize("formula", ["paper", "authors"])
