@@ -10,11 +10,12 @@ PyTorch ops are used instead and one warning names the cause and the fix. Used b
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import platform
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -26,19 +27,20 @@ def short_hash(data: bytes) -> str:
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:10]
 
 
-def native_flags() -> Tuple[List[str], str]:
-    """(compiler flags, build-name tag). ``-fno-trapping-math`` (no floating-point traps, results unchanged) lets
+@functools.lru_cache(maxsize=None)
+def native_flags() -> Tuple[Tuple[str, ...], str]:
+    """(compiler flags, build-name tag), read once per process. ``-fno-trapping-math`` (no floating-point traps, results unchanged) lets
     loops with conversions vectorise. On Linux ``-fopenmp``: ``at::parallel_for`` is a header template that runs on
     one thread unless the extension itself is built with OpenMP (torch's Linux wheels use the same libgomp). On x86-64
     Linux ``-march=native``, tagged with a hash of the CPU's feature flags."""
-    flags = ["-O3", "-fno-trapping-math"]
+    flags: Tuple[str, ...] = ("-O3", "-fno-trapping-math")
     if platform.system() == "Linux":
-        flags.append("-fopenmp")
+        flags += ("-fopenmp",)
         if platform.machine() == "x86_64":
             try:
                 with open("/proc/cpuinfo") as cpuinfo:
                     cpu_flags = next(line for line in cpuinfo if line.startswith("flags"))
-                return flags + ["-march=native"], "native_" + short_hash(cpu_flags.encode())
+                return flags + ("-march=native",), "native_" + short_hash(cpu_flags.encode())
             except (OSError, StopIteration):
                 pass
     return flags, platform.machine().lower() or "generic"
@@ -64,9 +66,8 @@ def build_kernels(source: Path, what: str, fallback: str) -> Optional[Any]:
         from torch.utils.cpp_extension import load
 
         flags, _ = native_flags()
-        name = library_name(source)
         log.info("loading %s (built on first use, ~30 s, then cached)", what)
-        load(name=name, sources=[str(source)], extra_cflags=flags,
+        load(name=library_name(source), sources=[str(source)], extra_cflags=list(flags),
              extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], is_python_module=False)
     except Exception as err:  # no compiler / ninja / headers / writable cache: fall back, say why and the fix
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
