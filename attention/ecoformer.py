@@ -12,9 +12,10 @@ computes and what their checkpoints were trained with: the bias term adds the qu
 weights h_nᵀh_j / D_n plus β'/D_n on j = n do not sum to one), and the kernel bandwidth σ is recomputed from
 each input, per image and head (``KernelizedHash(bandwidth="per_input")``). Both run in O(N·b·d) time and
 memory: no N×N matrix. No spatial reduction: all N tokens are keys. The hash is fitted by :mod:`hashing`
-(never by a forward pass), so a model in eval mode is a pure function of its state dict. At CPU inference the
-attention is one fused C++ kernel (``csrc/linear_attention.cpp``, :func:`attention_kernels`) that reads the values and
-writes the output in (B, N, C) order; :class:`_LinearAttention` is its reference and serves training.
+(never by a forward pass), so a model in eval mode is a pure function of its state dict. On CPU (float32, training
+and inference) the attention is two fused C++ kernels, forward and backward (``csrc/linear_attention.cpp``,
+:func:`attention_kernels`, :class:`_FusedLinearAttention`), that read the values and write the output in (B, N, C)
+order; :class:`_LinearAttention` is their reference and serves float64, CUDA, compile and export.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from hashing.kernel_hash import KernelizedHash
-from hashing.native import build_kernels, cpu_inference
+from hashing.native import build_kernels, cpu_kernels_apply
 
 from . import register_attention
 from .base import AttentionBase, OpCount
@@ -40,13 +41,21 @@ KERNEL_SOURCE = Path(__file__).parent / "csrc" / "linear_attention.cpp"
 def attention_kernels() -> Optional[Any]:
     """``torch.ops.ecopvt`` with the fused CPU linear attention, or None where it cannot be built (one warning,
     then :class:`_LinearAttention`): ``linear_attention(codes (H, B, N, b), values (B, N, H, d), β, own_value) ->
-    (B, N, H·d)`` float32, values read in place (last dimension contiguous), d a multiple of 8 up to 64. Built by
+    (out (B, N, H·d), S (H, B, b, d), z (H, B, b), D (H, B, N))`` and ``linear_attention_backward(grad, codes,
+    values, out, S, z, D, β, own_value) -> (grad_codes (H, B, N, b), grad_values (B, N, H·d))``, float32, values
+    and gradients read in place (last dimension contiguous), d a multiple of 8 up to 64. Built by
     :func:`hashing.native.build_kernels` from ``csrc/linear_attention.cpp``."""
     ops = build_kernels(KERNEL_SOURCE, "the fused linear attention", "EcoFormer's attention uses slower PyTorch ops")
     if ops is not None:
         @torch.library.register_fake("ecopvt::linear_attention")
         def _linear_attention(codes, values, beta, own_value):
-            return values.new_empty(values.shape[0], values.shape[1], values.shape[2] * values.shape[3])
+            (H, B, N, b), d = codes.shape, values.shape[3]
+            return (values.new_empty(B, N, H * d), values.new_empty(H, B, b, d), values.new_empty(H, B, b),
+                    values.new_empty(H, B, N))
+
+        @torch.library.register_fake("ecopvt::linear_attention_backward")
+        def _linear_attention_backward(grad, codes, values, out, summary, code_sum, denominator, beta, own_value):
+            return codes.new_empty(codes.shape), grad.new_empty(grad.shape)
     return ops
 
 
@@ -94,6 +103,28 @@ class _LinearAttention(torch.autograd.Function):
         return grad_codes, grad_values, None, None
 
 
+class _FusedLinearAttention(torch.autograd.Function):
+    """:class:`_LinearAttention`'s formulas, forward and backward, through the C++ kernels of
+    :func:`attention_kernels`: codes (H, B, N, b), values (B, N, H, d) float32 -> (B, N, H·d), heads read and
+    written in the (B, N, C) order of the projections around the attention."""
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, values: torch.Tensor, beta: float, own_value: bool) -> torch.Tensor:
+        out, summary, code_sum, denominator = attention_kernels().linear_attention(codes, values, beta, own_value)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(codes, values, out, summary, code_sum, denominator)
+            ctx.beta, ctx.own_value = beta, own_value
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, values, *saved = ctx.saved_tensors
+        grad_codes, grad_values = attention_kernels().linear_attention_backward(grad, codes, values, *saved, ctx.beta,
+                                                                                ctx.own_value)
+        return (grad_codes if ctx.needs_input_grad[0] else None,
+                grad_values.view_as(values) if ctx.needs_input_grad[1] else None, None, None)
+
+
 @register_attention("ecoformer")
 class EcoFormerAttention(AttentionBase):
     """EcoFormer token mixer: ``forward(x: (B, N, C), feat_size) -> (B, N, C)``.
@@ -107,8 +138,8 @@ class EcoFormerAttention(AttentionBase):
         bits: hash bits b (1..64).
         anchors: RBF anchors m (>= 2).
         formula: ``paper`` or ``authors`` (see the module docstring); ``count_ops`` is the same for both.
-        cpu_kernels: CPU inference through the fused C++ hash and attention (False: PyTorch ops only); one switch,
-            ``attn.hash.cpu_kernel``, serves both.
+        cpu_kernels: CPU training and inference through the fused C++ hash and attention (False: PyTorch ops
+            only); one switch, ``attn.hash.cpu_kernel``, serves both.
     """
 
     default_stages = (0, 1, 2)
@@ -138,10 +169,10 @@ class EcoFormerAttention(AttentionBase):
         H, d = self.num_heads, self.head_dim
         qk, v = self.qk(x), self.v(x)
         codes = self.hash(qk.view(B, N, H, d))  # (B, N, H, b), a view of head-major (H, B, N, b) storage
-        if (self.hash.cpu_kernel and cpu_inference(codes, v) and d % 8 == 0 and d <= 64
+        if (self.hash.cpu_kernel and cpu_kernels_apply(codes, v) and d % 8 == 0 and d <= 64
                 and attention_kernels() is not None):
-            out = attention_kernels().linear_attention(codes.movedim(2, 0), v.float().view(B, N, H, d),
-                                                       float(self.beta), self.formula == "authors")
+            out = _FusedLinearAttention.apply(codes.movedim(2, 0), v.float().view(B, N, H, d), float(self.beta),
+                                              self.formula == "authors")
         else:
             out = self._attend(codes.movedim(2, 0).reshape(H * B, N, self.bits),
                                v.view(B, N, H, d).movedim(2, 0).reshape(H * B, N, d))

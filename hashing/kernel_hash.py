@@ -9,8 +9,9 @@ optimizer never touches them, and they travel in the state dict. ``bandwidth="pe
 released code instead: σ is recomputed at every forward from the input itself, per image and head, as the mean
 squared token-anchor distance σ_bh = mean_{n,j} ‖u_bhn − a_hj‖² (the σ buffer is then unused). The backward pass is the straight-through
 estimator of sign, ∂H/∂y = 1[|y| ≤ 1] (hardtanh's derivative), so the projection producing z still learns.
-Without a gradient on CPU, the codes come from one fused C++ pass (``csrc/kernel_hash.cpp``, :func:`hash_kernels`)
-that never stores the (L, m) kernel matrix; the PyTorch ops below are its reference and its fallback.
+On CPU (float32, training or not), the codes come from one fused C++ pass per token (``csrc/kernel_hash.cpp``,
+:func:`hash_kernels`) that never stores the (L, m) kernel matrix, and the backward recomputes it per token from z;
+the PyTorch ops below are their reference and their fallback.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
-from .native import build_kernels, cpu_inference
+from .native import build_kernels, cpu_kernels_apply
 
 MAX_BITS = 64
 MIN_ANCHORS = 2
@@ -77,14 +78,39 @@ def sign_ste(y: torch.Tensor) -> torch.Tensor:
 def hash_kernels() -> Optional[Any]:
     """``torch.ops.ecopvt`` with the fused CPU hash, or None where it cannot be built (one warning, then the PyTorch
     ops): ``kernel_hash_codes(z (H, L, d), anchors (H, m, d), A (H, b, m), μ (H, m), σ (H, 1 or images), images)
-    -> (H, L, b)`` float32 ±1 codes, z any view with a contiguous last dimension. Built by
-    :func:`hashing.native.build_kernels` from ``csrc/kernel_hash.cpp``."""
+    -> (H, L, b)`` float32 ±1 codes, z any view with a contiguous last dimension, and ``kernel_hash_backward(grad
+    (H, L, b), z, anchors, A, μ, σ, images, per_input) -> grad_z`` in z's layout (the straight-through gradient).
+    Built by :func:`hashing.native.build_kernels` from ``csrc/kernel_hash.cpp``."""
     ops = build_kernels(KERNEL_SOURCE, "the fused hash kernel", "EcoFormer's hash uses slower PyTorch ops")
     if ops is not None:
         @torch.library.register_fake("ecopvt::kernel_hash_codes")
         def _kernel_hash_codes(z, anchors, projection, kernel_mean, bandwidth, images):
             return z.new_empty(z.shape[0], z.shape[1], projection.shape[1])
+
+        @torch.library.register_fake("ecopvt::kernel_hash_backward")
+        def _kernel_hash_backward(grad, z, anchors, projection, kernel_mean, bandwidth, images, per_input):
+            return torch.empty_strided(z.shape, z.stride(), dtype=z.dtype, device=z.device)
     return ops
+
+
+class _FusedHash(torch.autograd.Function):
+    """H(z/‖z‖) through the C++ kernels of :func:`hash_kernels`: z (H, L, d) float32 -> codes (H, L, b); the
+    backward is :class:`_KernelProjection`'s with the straight-through sign, recomputed per token from z (nothing
+    but z is saved). ``per_input``: σ (H, images) was computed from z, and its gradient is included."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, anchors: torch.Tensor, projection: torch.Tensor, kernel_mean: torch.Tensor,
+                sigma: torch.Tensor, images: int, per_input: bool) -> torch.Tensor:
+        codes = hash_kernels().kernel_hash_codes(z, anchors, projection, kernel_mean, sigma, images)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(z, anchors, projection, kernel_mean, sigma)
+            ctx.images, ctx.per_input = images, per_input
+        return codes
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_z = hash_kernels().kernel_hash_backward(grad, *ctx.saved_tensors, ctx.images, ctx.per_input)
+        return grad_z, None, None, None, None, None, None
 
 
 class _KernelProjection(torch.autograd.Function):
@@ -148,9 +174,8 @@ class KernelizedHash(nn.Module):
     Buffers: ``anchors`` (H, m, d), ``projection`` A (H, b, m), ``kernel_mean`` μ (H, m), ``bandwidth`` σ (H,).
     The initial hash is random: unit anchors, Gaussian A, σ = 2 and μ = e^(−1/2), the values of σ and μ for
     isotropic unit vectors (mean ‖u − a‖² = 2). ``bandwidth``: ``fixed`` (σ is the buffer) or ``per_input``
-    (σ from each input, which must then be (B, N, H, d): images, tokens, heads, head size). Without a gradient on
-    CPU the codes come from the fused kernel (:meth:`fused_codes`; ``cpu_kernel=False``: never), otherwise from
-    :meth:`project`.
+    (σ from each input, which must then be (B, N, H, d): images, tokens, heads, head size). On CPU the codes come
+    from the fused kernels (:meth:`fused_codes`; ``cpu_kernel=False``: never), otherwise from :meth:`project`.
     """
 
     def __init__(self, num_heads: int, head_dim: int, bits: int = 16, anchors: int = 25,
@@ -196,32 +221,34 @@ class KernelizedHash(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: (..., H, d) -> H(z/‖z‖): (..., H, b) in {−1, +1}, float32 or wider, straight-through gradient.
 
-        Without a gradient, on CPU, below float64 and outside torch.compile/export: :meth:`fused_codes`."""
-        if (self.cpu_kernel and cpu_inference(z) and self.num_anchors <= KERNEL_MAX_ANCHORS
+        On CPU below float64, outside torch.compile/export: :meth:`fused_codes`."""
+        if (self.cpu_kernel and cpu_kernels_apply(z) and self.num_anchors <= KERNEL_MAX_ANCHORS
                 and hash_kernels() is not None):
             return self.fused_codes(z)
         return sign_ste(self.project(z))
 
     def fused_codes(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., H, d) on CPU -> the codes of :meth:`forward` from the fused kernel (no gradient), float32.
+        """z: (..., H, d) on CPU -> the codes of :meth:`forward` from the fused kernels (:class:`_FusedHash`), float32,
+        with the same straight-through gradient.
 
         The per-input bandwidth is computed here (two more passes over z) from the same formula as
         :class:`_KernelProjection`: σ_bh = 2·(mean_j c_j − mean_n r_n (z_n·Σ_j a_j)/m), one product with the
-        anchors' sum."""
+        anchors' sum; the kernel's backward adds its gradient."""
         lead = self._check_input(z)
         with torch.autocast("cpu", enabled=False):
             z = z.float().movedim(-2, 0).reshape(self.num_heads, -1, self.head_dim)  # (H, L, d), a view if possible
             anchors = self.anchors.float()
             if self.per_input_bandwidth:
-                inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(_NORM_EPS).reciprocal_()  # (H, L)
-                mean_ua = (torch.bmm(z, anchors.sum(1)[..., None])[..., 0] * inv_norm).view(
-                    self.num_heads, lead[0], -1).mean(-1) / self.num_anchors  # (H, B)
-                offsets = 0.5 * (1.0 + anchors.square().sum(-1))  # c, (H, m)
-                sigma = 2.0 * (offsets.mean(-1, keepdim=True) - mean_ua)
+                with torch.no_grad():
+                    inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(_NORM_EPS).reciprocal_()  # (H, L)
+                    mean_ua = (torch.bmm(z, anchors.sum(1)[..., None])[..., 0] * inv_norm).view(
+                        self.num_heads, lead[0], -1).mean(-1) / self.num_anchors  # (H, B)
+                    offsets = 0.5 * (1.0 + anchors.square().sum(-1))  # c, (H, m)
+                    sigma = 2.0 * (offsets.mean(-1, keepdim=True) - mean_ua)
             else:
                 sigma = self.bandwidth.float()[:, None]
-            codes = hash_kernels().kernel_hash_codes(z, anchors, self.projection.float(), self.kernel_mean.float(),
-                                                     sigma, sigma.shape[1])
+            codes = _FusedHash.apply(z, anchors, self.projection.float(), self.kernel_mean.float(), sigma,
+                                     sigma.shape[1], self.per_input_bandwidth)
         return codes.view(self.num_heads, *lead, self.bits).movedim(0, -2)
 
     def _check_input(self, z: torch.Tensor) -> torch.Size:

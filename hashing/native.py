@@ -46,11 +46,10 @@ def native_flags() -> Tuple[Tuple[str, ...], str]:
     return flags, platform.machine().lower() or "generic"
 
 
-def cpu_inference(*tensors: torch.Tensor) -> bool:
-    """Whether the fused CPU inference kernels apply to ``tensors``: all on CPU, none float64 (the reference
-    precision stays on PyTorch's ops), none needing a gradient, and not inside torch.compile or export tracing."""
+def cpu_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels apply to ``tensors``: all on CPU, none float64 (the reference precision stays on
+    PyTorch's ops), and not inside torch.compile or export tracing."""
     return (all(t.device.type == "cpu" and t.dtype != torch.float64 for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 

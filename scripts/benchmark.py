@@ -15,7 +15,7 @@ Parts (``PARTS``): ``models`` (DEFAULT_SETUPS, default 224 px), ``scaling`` (DEF
 ``ecoformer`` (EcoFormer, Bitformer float, softmax SRA and timm at 224/448/896 px, plus one hash re-fit), ``bitformer``
 (score kernels and attention modules at pvtv2_b0's stage shapes), ``deploy`` (``run(args) -> rows`` of
 scripts/bench_deploy.py, the ONNX export's). ``--setups`` replaces a model part's setups; ``EcoFormer PyTorch ops``
-(EcoFormer with ``attn.cpu_kernels=false``: its C++ CPU inference kernels off) runs only when named there, e.g.
+(EcoFormer with ``attn.cpu_kernels=false``: its C++ CPU kernels off) runs only when named there, e.g.
 ``--part models --setups "EcoFormer,EcoFormer PyTorch ops,timm" --sizes 224,448`` for their same-process A/B.
 
 Outputs in ``--out``: ``<part>.csv`` (one row per measurement), ``<part>_<table>.csv`` for a part's extra table

@@ -229,7 +229,38 @@ def test_fused_hash_equals_the_float64_reference(fused_hash, bandwidth, heads, h
     assert torch.equal(codes.abs(), torch.ones_like(codes))
 
 
-def test_forward_takes_the_fused_hash_only_without_gradient(fused_hash, monkeypatch):
+@pytest.mark.parametrize("bandwidth", ["fixed", "per_input"])
+@pytest.mark.parametrize("heads, head_dim, bits, anchors", [(1, 32, 16, 25), (3, 13, 7, 9), (2, 64, 64, 64),
+                                                            (5, 8, 1, 2)])
+def test_fused_hash_gradient_equals_the_float64_reference(fused_hash, bandwidth, heads, head_dim, bits, anchors):
+    """The fused backward (float32, recomputed from z, the per-input σ's gradient from a first pass) equals the
+    straight-through gradient of sign(project(z)) in float64 to 1e-5 of its scale, for z read in place from a
+    Linear's (B, N, H·d) output and its gradient written in that layout, a zero token included; tokens with a |y|
+    within 1e-4 of the straight-through cut at 1 are left out (float32 may fall on the other side)."""
+    torch.manual_seed(0)
+    hash_fn = KernelizedHash(heads, head_dim, bits, anchors, bandwidth=bandwidth)
+    with torch.no_grad():
+        hash_fn.anchors.mul_(torch.rand(heads, anchors, 1) + 0.5)
+        hash_fn.bandwidth.uniform_(0.3, 2.0)
+    x = torch.randn(3, 37, 16) * 2
+    x[1, 5] = 0.0
+    linear = torch.nn.Linear(16, heads * head_dim, bias=False)
+    z = linear(x).view(3, 37, heads, head_dim)
+    weight = torch.randn(3, 37, heads, bits)
+    (grad,) = torch.autograd.grad((hash_fn(z) * weight).sum(), z)
+    z64 = z.detach().double().requires_grad_()
+    y = hash_fn.double().project(z64)
+    (expected,) = torch.autograd.grad((sign_ste(y) * weight.double()).sum(), z64)
+    kept = ((y.abs() - 1).abs() > 1e-4).all(-1)
+    kept[1, 5] = False  # the zero token: r = 1/1e-12, a gradient of order 1e12 (that of F.normalize), compared alone
+    assert kept.float().mean() > 0.9
+    torch.testing.assert_close(grad.double()[kept], expected[kept], atol=1e-5 * expected[kept].abs().max().item(),
+                               rtol=0)
+    torch.testing.assert_close(grad.double()[1, 5], expected[1, 5], atol=1e-5 * expected[1, 5].abs().max().item(),
+                               rtol=0)
+
+
+def test_forward_takes_the_fused_hash_on_cpu_below_float64(fused_hash, monkeypatch):
     hash_fn = KernelizedHash(2, 8, bits=4, anchors=3)
     calls = []
     fused = hash_fn.fused_codes
@@ -239,10 +270,10 @@ def test_forward_takes_the_fused_hash_only_without_gradient(fused_hash, monkeypa
         hash_fn(z)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert hash_fn(z.bfloat16()).dtype == torch.float32
-    with torch.no_grad():
-        hash_fn.double()(z.double())  # float64: the PyTorch reference
-    hash_fn.float()(z.requires_grad_())  # training: the straight-through path
-    assert calls == [torch.float32, torch.bfloat16]
+    hash_fn(z.requires_grad_())  # training: the fused forward and backward
+    hash_fn.double()(z.double())  # float64: the PyTorch reference
+    KernelizedHash(2, 8, bits=4, anchors=3, cpu_kernel=False)(z)
+    assert calls == [torch.float32, torch.bfloat16, torch.float32]
 
 
 def test_fused_hash_op_schema_and_checks(fused_hash):
@@ -250,6 +281,10 @@ def test_fused_hash_op_schema_and_checks(fused_hash):
     z = torch.randn(2, 9, 8)
     args = (hash_fn.anchors, hash_fn.projection, hash_fn.kernel_mean, hash_fn.bandwidth[:, None], 1)
     torch.library.opcheck(fused_hash.kernel_hash_codes.default, (z, *args))
+    grad = torch.randn(2, 9, 12)
+    torch.library.opcheck(fused_hash.kernel_hash_backward.default, (grad, z, *args, False))
+    torch.library.opcheck(fused_hash.kernel_hash_backward.default,
+                          (grad, z, *args[:3], torch.ones(2, 3), 3, True))
     with pytest.raises(RuntimeError, match="float32"):
         fused_hash.kernel_hash_codes(z.double(), *args)
     with pytest.raises(RuntimeError, match="multiple of images"):
@@ -263,50 +298,76 @@ def fused_attention():
 
 @pytest.mark.parametrize("formula", ["paper", "authors"])
 @pytest.mark.parametrize("heads, head_dim, b, B, N", [(1, 32, 12, 2, 67), (3, 8, 7, 2, 67), (2, 64, 16, 2, 67),
-                                                      (1, 40, 13, 1, 600)])
-def test_fused_linear_attention_equals_the_autograd_function(fused_attention, formula, heads, head_dim, b, B, N):
+                                                      (1, 40, 13, 1, 600), (2, 16, 64, 1, 9)])
+def test_fused_linear_attention_equals_the_float64_reference(fused_attention, formula, heads, head_dim, b, B, N):
     """Values read in place from a Linear's (B, N, H·d) output, a short last block of tokens, bits off the 4-row
-    blocks, one image and head of 600 tokens (its summaries over two token ranges on two threads), both formulas:
-    the C++ output equals _LinearAttention's to 1e-5."""
+    blocks and at their 64 limit, one image and head of 600 tokens (its sums over two token ranges on two threads),
+    both formulas: the C++ forward and backward (float32) equal _LinearAttention's in float64, output and the
+    gradients of codes and values, to 1e-5 relative to their scale."""
     torch.manual_seed(0)
     beta = float(attention_bias(b, formula))
-    codes = torch.randn(heads, B, N, b).sign()
-    with torch.no_grad():
-        values = torch.nn.Linear(8, heads * head_dim)(torch.randn(B, N, 8)).view(B, N, heads, head_dim)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(2)  # a single image and head is split over two token ranges (N >= 512)
-        try:
-            out = fused_attention.linear_attention(codes, values, beta, formula == "authors")
-        finally:
-            torch.set_num_threads(threads)
-        expected = _LinearAttention.apply(codes.reshape(heads * B, N, b),
-                                          values.movedim(2, 0).reshape(heads * B, N, head_dim), beta,
-                                          formula == "authors")
+    codes = torch.randn(heads, B, N, b).sign().requires_grad_()
+    values = torch.nn.Linear(8, heads * head_dim)(torch.randn(B, N, 8)).view(B, N, heads, head_dim)
+    weight = torch.randn(B, N, heads * head_dim)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a single image and head is split over two token ranges (N >= 512)
+    try:
+        out = ecoformer._FusedLinearAttention.apply(codes, values, beta, formula == "authors")
+        grads = torch.autograd.grad((out * weight).sum(), (codes, values))
+    finally:
+        torch.set_num_threads(threads)
+    codes64, values64 = codes.detach().double().requires_grad_(), values.detach().double().requires_grad_()
+    expected = _LinearAttention.apply(codes64.reshape(heads * B, N, b),
+                                      values64.movedim(2, 0).reshape(heads * B, N, head_dim), beta,
+                                      formula == "authors")
     expected = expected.view(heads, B, N, head_dim).movedim(0, 2).reshape(B, N, heads * head_dim)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(fused_attention.linear_attention.default, (codes, values, beta, False))
+    expected_grads = torch.autograd.grad((expected * weight.double()).sum(), (codes64, values64))
+    for got, want in zip((out, *grads), (expected, *expected_grads)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_fused_linear_attention_op_schemas_and_checks(fused_attention):
+    codes, values = torch.randn(2, 2, 9, 5).sign(), torch.randn(2, 9, 2, 8)
+    torch.library.opcheck(fused_attention.linear_attention.default, (codes, values, 8.0, False))
+    saved = fused_attention.linear_attention(codes, values, 8.0, True)
+    torch.library.opcheck(fused_attention.linear_attention_backward.default,
+                          (torch.randn(2, 9, 16), codes, values, *saved, 8.0, True))
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        fused_attention.linear_attention(codes, values[..., :5], beta, False)
+        fused_attention.linear_attention(codes, values[..., :5], 8.0, False)
+    with pytest.raises(RuntimeError, match="float32"):
+        fused_attention.linear_attention(codes, values.double(), 8.0, False)
 
 
 @pytest.mark.parametrize("formula", ["paper", "authors"])
-def test_eval_model_with_fused_kernels_matches_the_pytorch_ops(fused_hash, fused_attention, formula, monkeypatch):
-    """A model in eval mode without gradient runs both fused kernels (training, and ``cpu_kernels=False``, neither);
-    its logits equal those of the same weights on the PyTorch ops."""
-    model, reference = tiny_model(formula=formula).eval(), tiny_model(formula=formula, cpu_kernels=False).eval()
+def test_model_with_fused_kernels_matches_the_pytorch_ops(fused_hash, fused_attention, formula, monkeypatch):
+    """A model runs both fused kernels, without gradient and in training (forward and backward;
+    ``cpu_kernels=False``: neither). Logits, loss and every parameter's gradient equal those of the same weights on
+    the PyTorch ops."""
+    model, reference = tiny_model(formula=formula), tiny_model(formula=formula, cpu_kernels=False)
     assert equal_states(model.state_dict(), reference.state_dict())
-    x = images(2, 64)
+    x, labels = images(2, 64), torch.tensor([1, 7])
     calls = []
     monkeypatch.setattr(ecoformer, "attention_kernels", lambda: calls.append("attention") or fused_attention)
     monkeypatch.setattr(kernel_hash, "hash_kernels", lambda: calls.append("hash") or fused_hash)
     with torch.no_grad():
-        fused = model(x)
+        fused = model.eval()(x)
         assert calls.count("attention") == 6 and calls.count("hash") == 6  # stages 0-2, each checks, then runs
         calls.clear()
-        expected = reference(x)
-    model.train()(x)
+        expected = reference.eval()(x)
     assert calls == []
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    loss = F.cross_entropy(model.train()(x), labels)
+    loss.backward()
+    assert calls.count("attention") == 9 and calls.count("hash") == 9  # 3 blocks: check, forward, backward
+    calls.clear()
+    expected_loss = F.cross_entropy(reference.train()(x), labels)
+    expected_loss.backward()
+    assert calls == []
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    reference_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference_params[name].grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_kernel_projection_refuses_gradients_to_its_buffers():
