@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from hashing.kernel_hash import KernelizedHash
 from hashing.native import build_kernels, cpu_kernels_apply
@@ -117,6 +118,7 @@ class _FusedLinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the C++ backward has no backward of its own: create_graph raises instead of erring
     def backward(ctx, grad: torch.Tensor):
         codes, values, *saved = ctx.saved_tensors
         grad_codes, grad_values = attention_kernels().linear_attention_backward(grad, codes, values, *saved, ctx.beta,

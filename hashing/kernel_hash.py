@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
 from .native import build_kernels, cpu_kernels_apply
@@ -89,7 +90,9 @@ def hash_kernels() -> Optional[Any]:
 
         @torch.library.register_fake("ecopvt::kernel_hash_backward")
         def _kernel_hash_backward(grad, z, anchors, projection, kernel_mean, bandwidth, images, per_input):
-            return torch.empty_strided(z.shape, z.stride(), dtype=z.dtype, device=z.device)
+            dense = z.permute(sorted(range(z.dim()), key=z.stride, reverse=True)).is_contiguous()
+            in_place = z.stride(-1) == 1 and dense  # the kernel's rule: z's layout where it has no gaps or overlaps
+            return torch.empty_strided(z.shape, z.stride(), dtype=z.dtype) if in_place else z.new_empty(z.shape)
     return ops
 
 
@@ -108,6 +111,7 @@ class _FusedHash(torch.autograd.Function):
         return codes
 
     @staticmethod
+    @once_differentiable  # the C++ backward has no backward of its own: create_graph raises instead of erring
     def backward(ctx, grad: torch.Tensor):
         grad_z = hash_kernels().kernel_hash_backward(grad, *ctx.saved_tensors, ctx.images, ctx.per_input)
         return grad_z, None, None, None, None, None, None

@@ -283,6 +283,7 @@ def test_fused_hash_op_schema_and_checks(fused_hash):
     torch.library.opcheck(fused_hash.kernel_hash_codes.default, (z, *args))
     grad = torch.randn(2, 9, 12)
     torch.library.opcheck(fused_hash.kernel_hash_backward.default, (grad, z, *args, False))
+    torch.library.opcheck(fused_hash.kernel_hash_backward.default, (grad, torch.randn(2, 9, 16)[..., ::2], *args, False))
     torch.library.opcheck(fused_hash.kernel_hash_backward.default,
                           (grad, z, *args[:3], torch.ones(2, 3), 3, True))
     with pytest.raises(RuntimeError, match="float32"):
@@ -337,6 +338,17 @@ def test_fused_linear_attention_op_schemas_and_checks(fused_attention):
         fused_attention.linear_attention(codes, values[..., :5], 8.0, False)
     with pytest.raises(RuntimeError, match="float32"):
         fused_attention.linear_attention(codes, values.double(), 8.0, False)
+
+
+def test_fused_backwards_refuse_a_second_derivative(fused_hash, fused_attention):
+    """The C++ backwards have no backward: ``create_graph=True`` through them raises instead of returning a wrong
+    second derivative."""
+    z = torch.randn(1, 20, 1, 8, requires_grad=True)
+    codes = KernelizedHash(1, 8, bits=8, anchors=4)(z)
+    out = ecoformer._FusedLinearAttention.apply(codes.movedim(2, 0), z, 16.0, False)
+    (grad,) = torch.autograd.grad(out.square().sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiat"):
+        grad.sum().backward()
 
 
 @pytest.mark.parametrize("formula", ["paper", "authors"])
