@@ -58,6 +58,12 @@ inline Vec exp_nonpositive(Vec x) {
 
 constexpr int32_t kSignBit = INT32_MIN, kOneBits = 0x3f800000;  // float bit patterns: sign, 1.0f
 
+inline float lane_sum(const Vec& v) {
+  float sum = 0.0f;
+  for (int i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+}
+
 // ‖x‖² of d floats, in kLanes partial sums (then the scalar tail).
 inline float squared_norm(const float* x, int64_t d) {
   Vec acc{};
@@ -67,8 +73,7 @@ inline float squared_norm(const float* x, int64_t d) {
     std::memcpy(&v, x + k, sizeof(v));
     acc += v * v;
   }
-  float sum = 0.0f;
-  for (int i = 0; i < kLanes; ++i) sum += acc[i];
+  float sum = lane_sum(acc);
   for (; k < d; ++k) sum += x[k] * x[k];
   return sum;
 }
@@ -104,11 +109,30 @@ HeadTables make_tables(const float* a, const float* p, const float* mu, int64_t 
   return t;
 }
 
+// Rows per tile of the row loops: kTile·MV accumulators in registers.
+constexpr int tile_rows(int mv) { return mv >= 6 ? 1 : 12 / mv < 4 ? 12 / mv : 4; }
+
+// t'_r = z_r·a (MV vectors per row) for the kTile rows zr.
+// Inlined by force: as a call, its accumulators leave the registers (the forward was 1.3x slower).
+template <int MV, int kTile>
+__attribute__((always_inline)) inline void anchor_products(const HeadTables& t, const float* const (&zr)[kTile],
+                                                           int64_t d, Vec (&product)[kTile][MV]) {
+  for (int r = 0; r < kTile; ++r)
+    for (int v = 0; v < MV; ++v) product[r][v] = Vec{};
+  for (int64_t k = 0; k < d; ++k) {
+    const Vec* ak = t.anchors_t.data() + k * MV;
+    for (int r = 0; r < kTile; ++r) {
+      const Vec zk = broadcast(zr[r][k]);
+      for (int v = 0; v < MV; ++v) product[r][v] += zk * ak[v];
+    }
+  }
+}
+
 // Rows [begin, end) of one head: z rows at z + row·z_stride, codes (b floats) at out + row·b.
 template <int MV, int BV>
 void hash_rows(const HeadTables& t, const float* z, int64_t z_stride, const float* inv_sigma_of_row,
                int64_t sigma_block, int64_t begin, int64_t end, int64_t m, int64_t d, int64_t b, float* out) {
-  constexpr int kTile = MV >= 6 ? 1 : 12 / MV < 4 ? 12 / MV : 4;  // rows per tile, kTile·MV accumulators
+  constexpr int kTile = tile_rows(MV);
   for (int64_t row0 = begin; row0 < end; row0 += kTile) {
     const float* zr[kTile];
     float scale[kTile], inv_sigma[kTile];
@@ -118,14 +142,8 @@ void hash_rows(const HeadTables& t, const float* z, int64_t z_stride, const floa
       inv_sigma[r] = inv_sigma_of_row[row / sigma_block];
       scale[r] = inv_sigma[r] / std::max(std::sqrt(squared_norm(zr[r], d)), 1e-12f);
     }
-    Vec s[kTile][MV] = {};
-    for (int64_t k = 0; k < d; ++k) {
-      const Vec* ak = t.anchors_t.data() + k * MV;
-      for (int r = 0; r < kTile; ++r) {
-        const Vec zk = broadcast(zr[r][k]);
-        for (int v = 0; v < MV; ++v) s[r][v] += zk * ak[v];
-      }
-    }
+    Vec s[kTile][MV];
+    anchor_products<MV, kTile>(t, zr, d, s);
     Vec y[kTile][BV];
     for (int r = 0; r < kTile; ++r) {
       for (int v = 0; v < MV; ++v) s[r][v] = exp_nonpositive(s[r][v] * scale[r] - t.offsets[v] * inv_sigma[r]);
@@ -180,7 +198,7 @@ void hash_grad_rows(const HeadTables& t, const Vec* proj_rows, const Vec* anchor
                     int64_t z_stride, const float* inv_sigma_of_row, const float* correction_of_row,
                     int64_t sigma_block, int64_t begin, int64_t end, int64_t m, int64_t d, int64_t b,
                     const float* grad_codes, bool first_pass, float* dots, float* grad_z) {
-  constexpr int kTile = MV >= 6 ? 1 : 12 / MV < 4 ? 12 / MV : 4;
+  constexpr int kTile = tile_rows(MV);
   const int64_t bv = (b + kLanes - 1) / kLanes;  // the bits' vectors: a runtime count (fewer instantiations to build)
   const int64_t dv = padded_vectors(d);  // g_z in chunks of kChunk vectors (anchor_rows is padded alike)
   std::vector<Vec> rows_z(kTile * dv), rows_grad(kTile * dv);
@@ -199,14 +217,8 @@ void hash_grad_rows(const HeadTables& t, const Vec* proj_rows, const Vec* anchor
       inv_norm[r] = 1.0f / std::max(norm, 1e-12f);
       scale[r] = inv_norm[r] * inv_sigma[r];
     }
-    Vec product[kTile][MV] = {};
-    for (int64_t k = 0; k < d; ++k) {
-      const Vec* ak = t.anchors_t.data() + k * MV;
-      for (int r = 0; r < kTile; ++r) {
-        const Vec zk = broadcast(zr[r][k]);
-        for (int v = 0; v < MV; ++v) product[r][v] += zk * ak[v];
-      }
-    }
+    Vec product[kTile][MV];
+    anchor_products<MV, kTile>(t, zr, d, product);
     Vec s[kTile][MV], kernel[kTile][MV], y[kTile][kMaxVecs];
     for (int r = 0; r < kTile; ++r) {
       for (int v = 0; v < MV; ++v) {
@@ -237,9 +249,7 @@ void hash_grad_rows(const HeadTables& t, const Vec* proj_rows, const Vec* anchor
       for (int r = 0; r < kTile && row0 + r < end; ++r) {
         Vec acc{};
         for (int v = 0; v < MV; ++v) acc += gs[r][v] * s[r][v];
-        float sum = 0.0f;
-        for (int i = 0; i < kLanes; ++i) sum += acc[i];
-        dots[row0 + r] = sum;
+        dots[row0 + r] = lane_sum(acc);
       }
       continue;
     }
@@ -252,8 +262,7 @@ void hash_grad_rows(const HeadTables& t, const Vec* proj_rows, const Vec* anchor
         gs[r][v] += correction;
         acc += gs[r][v] * product[r][v];  // padded anchors: t' = 0
       }
-      float sum = 0.0f;
-      for (int i = 0; i < kLanes; ++i) sum += acc[i];
+      const float sum = lane_sum(acc);
       coef[r] = unclamped[r] ? sum * inv_norm[r] * inv_norm[r] : 0.0f;
       std::memcpy(rows_z.data() + r * dv, zr[r], d * sizeof(float));  // the padding stays 0
     }
@@ -285,7 +294,7 @@ constexpr std::array<GradRowsFn, sizeof...(MV)> grad_row_fn_table(std::integer_s
 
 // The checked inputs of both ops and their per-head tables.
 struct HashInputs {
-  at::Tensor z, anchors, inv_sigma;
+  at::Tensor z, inv_sigma;
   int64_t H, L, d, m, b, sigma_block;
   int mv, bv;
   std::vector<HeadTables> tables;
@@ -318,7 +327,7 @@ HashInputs check_inputs(const char* op, const at::Tensor& z_in, const at::Tensor
   const at::Tensor z = z_in.stride(2) == 1 && z_in.is_non_overlapping_and_dense() ? z_in : z_in.contiguous();
   const int mv = static_cast<int>((m + kLanes - 1) / kLanes), bv = static_cast<int>((b + kLanes - 1) / kLanes);
   const at::Tensor a = anchors.contiguous(), p = projection.contiguous(), mu = kernel_mean.contiguous();
-  HashInputs in{z, a, bandwidth.reciprocal().contiguous(), H, L, d, m, b,
+  HashInputs in{z, bandwidth.reciprocal().contiguous(), H, L, d, m, b,
                 bandwidth.size(1) == 1 ? L : L / images, mv, bv, {}, {}, {}};
   for (int64_t h = 0; h < H; ++h) {
     const float* ph = p.data_ptr<float>() + h * b * m;
