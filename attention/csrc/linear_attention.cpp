@@ -46,6 +46,8 @@ inline Vec load(const float* p) {
 
 inline void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof(v)); }
 
+inline Vec broadcast(float x) { return Vec{x, x, x, x, x, x, x, x}; }
+
 inline float lane_sum(const Vec& v) {
   float sum = 0.0f;
   for (int i = 0; i < kLanes; ++i) sum += v[i];
@@ -64,57 +66,95 @@ Rows rows_of(const at::Tensor& t, int64_t B) {
   return Rows{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2), B};
 }
 
-// Forward pass 1 over tokens [0, N) of one range: partial = [S (b·DV vectors), Σ_j v_j (DV), z (b floats)].
+// Rows of S per pass over the tokens: S's R·DV accumulators, R broadcasts and the loaded values fit in 16 registers.
+constexpr int summary_rows(int dv) { return dv == 1 ? 8 : dv <= 3 ? 4 : dv <= 6 ? 2 : 1; }
+
+// Rows [k0, k0 + R) of S, accumulated over tokens [0, N).
+template <int DV, int R>
+void summarise_rows(const float* codes, const float* v, int64_t v_stride, int64_t N, int64_t b, int64_t k0,
+                    float* summary) {
+  Vec acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < DV; ++j) acc[r][j] = load(summary + ((k0 + r) * DV + j) * kLanes);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* hn = codes + n * b + k0;
+    const float* vn = v + n * v_stride;
+    for (int r = 0; r < R; ++r) {
+      const Vec c = broadcast(hn[r]);
+      for (int j = 0; j < DV; ++j) acc[r][j] += c * load(vn + j * kLanes);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < DV; ++j) store(summary + ((k0 + r) * DV + j) * kLanes, acc[r][j]);
+}
+
+// Forward pass 1 over tokens [0, N) of one range: partial = [S (b·DV vectors), Σ_j v_j (DV), z (b floats)], in
+// blocks of tokens whose values stay in the L1 cache for the b/R passes over them.
 template <int DV>
 void summarise(const float* codes, const float* v, int64_t v_stride, int64_t N, int64_t b, float* partial) {
+  constexpr int R = summary_rows(DV);
+  constexpr int64_t kBlock = 512 / DV;  // 16 KiB of values
   float* value_sum = partial + b * DV * kLanes;
   float* code_sum = value_sum + DV * kLanes;
-  for (int64_t k0 = 0; k0 < b; k0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, b - k0));
-    Vec acc[kRows][DV] = {};
-    Vec vsum[DV] = {};
-    float zsum[kRows] = {};
-    for (int64_t n = 0; n < N; ++n) {
-      const float* hn = codes + n * b + k0;
-      Vec vn[DV];
-      for (int j = 0; j < DV; ++j) vn[j] = load(v + n * v_stride + j * kLanes);
-      for (int r = 0; r < kRows; ++r) {
-        const float c = r < rows ? hn[r] : 0.0f;
-        for (int j = 0; j < DV; ++j) acc[r][j] += c * vn[j];
-        zsum[r] += c;
-      }
-      if (k0 == 0)
-        for (int j = 0; j < DV; ++j) vsum[j] += vn[j];
+  std::fill(partial, code_sum + b, 0.0f);
+  Vec vsum[DV] = {};
+  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+    const int64_t tokens = std::min(kBlock, N - n0);
+    const float* hb = codes + n0 * b;
+    const float* vb = v + n0 * v_stride;
+    int64_t k0 = 0;
+    for (; k0 + R <= b; k0 += R) summarise_rows<DV, R>(hb, vb, v_stride, tokens, b, k0, partial);
+    for (; k0 < b; ++k0) summarise_rows<DV, 1>(hb, vb, v_stride, tokens, b, k0, partial);
+    for (int64_t n = 0; n < tokens; ++n) {
+      for (int j = 0; j < DV; ++j) vsum[j] += load(vb + n * v_stride + j * kLanes);
+      for (int64_t k = 0; k < b; ++k) code_sum[k] += hb[n * b + k];
     }
-    for (int r = 0; r < rows; ++r) {
-      for (int j = 0; j < DV; ++j) store(partial + ((k0 + r) * DV + j) * kLanes, acc[r][j]);
-      code_sum[k0 + r] = zsum[r];
+  }
+  for (int j = 0; j < DV; ++j) store(value_sum + j * kLanes, vsum[j]);
+}
+
+// out_n and D_n of the T tokens from n: T·DV independent accumulator chains, each row of S loaded once for all T.
+template <int DV, int T>
+inline void attend_tokens(const float* codes, const float* v, int64_t v_stride, const float* sums, float base,
+                          int64_t b, float beta, bool own_value, int64_t n, float* out, int64_t out_stride,
+                          float* denominators) {
+  const float* value_sum = sums + b * DV * kLanes;
+  const float* code_sum = value_sum + DV * kLanes;
+  Vec acc[T][DV];
+  float denominator[T];
+  for (int t = 0; t < T; ++t) {
+    for (int j = 0; j < DV; ++j)
+      acc[t][j] = beta * load((own_value ? v + (n + t) * v_stride : value_sum) + j * kLanes);
+    denominator[t] = base;
+  }
+  for (int64_t k = 0; k < b; ++k) {
+    Vec row[DV];
+    for (int j = 0; j < DV; ++j) row[j] = load(sums + (k * DV + j) * kLanes);
+    for (int t = 0; t < T; ++t) {
+      const float c = codes[(n + t) * b + k];
+      for (int j = 0; j < DV; ++j) acc[t][j] += broadcast(c) * row[j];
+      denominator[t] += c * code_sum[k];
     }
-    if (k0 == 0)
-      for (int j = 0; j < DV; ++j) store(value_sum + j * kLanes, vsum[j]);
+  }
+  for (int t = 0; t < T; ++t) {
+    const float inv = 1.0f / denominator[t];
+    for (int j = 0; j < DV; ++j) store(out + (n + t) * out_stride + j * kLanes, acc[t][j] * inv);
+    denominators[n + t] = denominator[t];
   }
 }
 
-// Forward pass 2 over tokens [begin, end) of one group: out_n and D_n.
+// Forward pass 2 over tokens [begin, end) of one group: out_n and D_n, two tokens at a time up to d = 32.
 template <int DV>
 void attend(const float* codes, const float* v, int64_t v_stride, const float* sums, int64_t N, int64_t b,
             float beta, bool own_value, int64_t begin, int64_t end, float* out, int64_t out_stride,
             float* denominators) {
-  const float* value_sum = sums + b * DV * kLanes;
-  const float* code_sum = value_sum + DV * kLanes;
-  for (int64_t n = begin; n < end; ++n) {
-    const float* hn = codes + n * b;
-    Vec acc[DV];
-    for (int j = 0; j < DV; ++j) acc[j] = beta * load((own_value ? v + n * v_stride : value_sum) + j * kLanes);
-    float denominator = beta * static_cast<float>(N);
-    for (int64_t k = 0; k < b; ++k) {
-      const float c = hn[k];
-      for (int j = 0; j < DV; ++j) acc[j] += c * load(sums + (k * DV + j) * kLanes);
-      denominator += c * code_sum[k];
-    }
-    for (int j = 0; j < DV; ++j) store(out + n * out_stride + j * kLanes, acc[j] / denominator);
-    denominators[n] = denominator;
-  }
+  constexpr int T = DV <= 4 ? 2 : 1;
+  const float base = beta * static_cast<float>(N);
+  int64_t n = begin;
+  for (; n + T <= end; n += T)
+    attend_tokens<DV, T>(codes, v, v_stride, sums, base, b, beta, own_value, n, out, out_stride, denominators);
+  for (; n < end; ++n)
+    attend_tokens<DV, 1>(codes, v, v_stride, sums, base, b, beta, own_value, n, out, out_stride, denominators);
 }
 
 // Backward pass 1 over tokens [0, N) of one range: partial = [g_S (b·DV vectors), Σ_n g_num (DV),

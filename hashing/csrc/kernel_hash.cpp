@@ -35,7 +35,7 @@ typedef int32_t IntVec __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
 constexpr int kMaxVecs = 8;  // anchors and bits up to 64 (8 vectors of 8)
 
-inline Vec broadcast(float x) { return Vec{} + x; }
+inline Vec broadcast(float x) { return Vec{x, x, x, x, x, x, x, x}; }
 
 // exp(x) for x <= 0 (s_j = -‖u - a_j‖²/(2σ)), clamped to [-87, 0] (exp underflows to ~1e-38 at -87).
 inline Vec exp_nonpositive(Vec x) {
@@ -54,6 +54,13 @@ inline Vec exp_nonpositive(Vec x) {
   Vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// dst[0, count) = src[0, count): whole vectors, then the tail (a memcpy of constant size compiles to moves).
+inline void copy_floats(float* dst, const float* src, int64_t count) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) std::memcpy(dst + i, src + i, sizeof(Vec));
+  for (; i < count; ++i) dst[i] = src[i];
 }
 
 constexpr int32_t kSignBit = INT32_MIN, kOneBits = 0x3f800000;  // float bit patterns: sign, 1.0f
@@ -157,13 +164,14 @@ void hash_rows(const HeadTables& t, const float* z, int64_t z_stride, const floa
       }
     }
     for (int r = 0; r < kTile && row0 + r < end; ++r) {
-      float* o = out + (row0 + r) * b;
+      alignas(32) float codes[BV * kLanes];
       for (int v = 0; v < BV; ++v) {  // copysign(1, y): y's sign bit on the bits of 1.0f
         IntVec code;
         std::memcpy(&code, &y[r][v], sizeof(code));
         code = (code & kSignBit) | kOneBits;
-        std::memcpy(o + v * kLanes, &code, sizeof(float) * std::min<int64_t>(kLanes, b - v * kLanes));
+        std::memcpy(codes + v * kLanes, &code, sizeof(code));
       }
+      copy_floats(out + (row0 + r) * b, codes, b);
     }
   }
 }
@@ -264,7 +272,7 @@ void hash_grad_rows(const HeadTables& t, const Vec* proj_rows, const Vec* anchor
       }
       const float sum = lane_sum(acc);
       coef[r] = unclamped[r] ? sum * inv_norm[r] * inv_norm[r] : 0.0f;
-      std::memcpy(rows_z.data() + r * dv, zr[r], d * sizeof(float));  // the padding stays 0
+      copy_floats(reinterpret_cast<float*>(rows_z.data() + r * dv), zr[r], d);  // the padding stays 0
     }
     for (int64_t c = 0; c < dv; c += kChunk) {
       Vec acc[kTile][kChunk];
@@ -281,7 +289,7 @@ void hash_grad_rows(const HeadTables& t, const Vec* proj_rows, const Vec* anchor
         for (int q = 0; q < kChunk; ++q) rows_grad[r * dv + c + q] = acc[r][q] * scale[r];
     }
     for (int r = 0; r < kTile && row0 + r < end; ++r)
-      std::memcpy(grad_z + (row0 + r) * z_stride, rows_grad.data() + r * dv, d * sizeof(float));
+      copy_floats(grad_z + (row0 + r) * z_stride, reinterpret_cast<const float*>(rows_grad.data() + r * dv), d);
   }
 }
 
