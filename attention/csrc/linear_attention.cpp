@@ -36,7 +36,7 @@ namespace {
 typedef float Vec __attribute__((vector_size(32)));  // 8 floats: AVX, or two SSE/NEON registers
 constexpr int kLanes = 8;
 constexpr int kMaxVecs = 8;  // head size up to 64
-constexpr int kRows = 4;     // rows of S (or g_S) accumulated in registers per pass over the tokens
+constexpr int kRows = 4;     // rows of g_S accumulated in registers per pass over the tokens (backward pass 1)
 
 inline Vec load(const float* p) {
   Vec v;
